@@ -1,0 +1,262 @@
+"""Decode Tardis Machine frames and normalize them into table rows.
+
+`decode` and the `*_row` functions are pure (no clock, no I/O); `DataProcessor` adds the counting
+and the little state normalizing needs (derived trade ids), and `run` pushes rows to a sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import msgspec
+
+from spot.messages import BookSnapshot, Disconnect, Envelope, Frame, Level, Message, Trade
+from spot.tables import Kind, Row
+from spot.tickers import TickerNormalizer
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+KNOWN_TYPES = frozenset({"trade", "book_snapshot", "disconnect"})
+TRADE_SIDES = frozenset({"buy", "sell", "unknown"})
+
+_message_decoder = msgspec.json.Decoder(Message)
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+
+
+class InvalidMessage(ValueError):
+    """A message that decoded but cannot become a row; `reason` is the counter's name."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SkippedType(Exception):
+    """A well-formed message of a type spot does not store (book_change, quote, ...)."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        super().__init__(envelope.type)
+        self.envelope = envelope
+
+
+def decode(data: bytes | str) -> Message:
+    """Decode one frame; raise SkippedType for other types, InvalidMessage for bad ones."""
+    try:
+        message: Message = _message_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _classify(data, exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage("not_json", str(exc)) from None
+    if isinstance(message, BookSnapshot) and not message.name.startswith("book_snapshot_"):
+        # A `quote` data type arrives as a depth-1 book_snapshot named "quote".
+        raise SkippedType(Envelope(message.name, message.exchange, message.symbol))
+    return message
+
+
+def _classify(data: bytes | str, error: msgspec.ValidationError) -> Exception:
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except msgspec.MsgspecError:
+        return InvalidMessage("wrong_shape", str(error))
+    if envelope.type and envelope.type not in KNOWN_TYPES:
+        return SkippedType(envelope)
+    return InvalidMessage("wrong_shape", str(error))
+
+
+def parse_timestamp(text: str) -> tuple[datetime, int]:
+    """Return (aware datetime, Unix microseconds); 7-9 fractional digits are truncated."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidMessage("bad_timestamp", repr(text)) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - EPOCH
+    return moment, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def datetime_from_ns(unix_ns: int) -> datetime:
+    """Return the aware UTC datetime of a `time.time_ns()` value, to the microsecond."""
+    return EPOCH + timedelta(microseconds=unix_ns // 1000)
+
+
+def _check_positive(what: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidMessage(f"invalid_{what}", repr(value))
+
+
+def trade_row(message: Trade, trade_id: str, received_at: datetime) -> Row:
+    """Return the `trade_<ticker>` row of a trade."""
+    _check_positive("price", message.price)
+    _check_positive("amount", message.amount)
+    if message.side not in TRADE_SIDES:
+        raise InvalidMessage("invalid_side", repr(message.side))
+    timestamp, timestamp_us = parse_timestamp(message.timestamp)
+    local_timestamp, local_timestamp_us = parse_timestamp(message.local_timestamp)
+    return (
+        message.exchange,
+        message.symbol,
+        trade_id,
+        message.side,
+        message.price,
+        message.amount,
+        timestamp,
+        local_timestamp,
+        timestamp_us,
+        local_timestamp_us,
+        received_at,
+    )
+
+
+def pad_levels(levels: list[Level], depth: int) -> tuple[list[float | None], list[float | None]]:
+    """Return exactly `depth` prices and amounts: `{}` and missing levels are None, deeper cut."""
+    prices: list[float | None] = [level.price for level in levels[:depth]]
+    amounts: list[float | None] = [level.amount for level in levels[:depth]]
+    missing = depth - len(prices)
+    if missing > 0:
+        prices.extend([None] * missing)
+        amounts.extend([None] * missing)
+    return prices, amounts
+
+
+def book_row(message: BookSnapshot, depth: int, received_at: datetime) -> Row:
+    """Return the `orderbook_<ticker>` row of a snapshot, padded or cut to `depth` levels."""
+    timestamp, timestamp_us = parse_timestamp(message.timestamp)
+    local_timestamp, local_timestamp_us = parse_timestamp(message.local_timestamp)
+    bid_prices, bid_amounts = pad_levels(message.bids, depth)
+    ask_prices, ask_amounts = pad_levels(message.asks, depth)
+    return (
+        message.exchange,
+        message.symbol,
+        timestamp,
+        local_timestamp,
+        timestamp_us,
+        local_timestamp_us,
+        *bid_prices,
+        *bid_amounts,
+        *ask_prices,
+        *ask_amounts,
+        received_at,
+    )
+
+
+class TradeIds:
+    """Derive deterministic ids for trades that arrive without one.
+
+    Identical id-less trades (same time, price, amount, side) are told apart by their position in
+    the run, so a replay of the same data derives the same ids and none collapse into another.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, str], tuple[str, Counter[str]]] = {}
+
+    def __call__(self, message: Trade) -> str:
+        if message.id is not None:
+            return message.id
+        key = (message.exchange, message.symbol)
+        run = self._runs.get(key)
+        if run is None or run[0] != message.timestamp:
+            run = self._runs[key] = (message.timestamp, Counter())
+        fingerprint = f"{message.timestamp}|{message.price!r}|{message.amount!r}|{message.side}"
+        occurrence = run[1][fingerprint]
+        run[1][fingerprint] += 1
+        digest = hashlib.blake2b(f"{key}|{fingerprint}".encode(), digest_size=8).hexdigest()
+        return f"~{digest}-{occurrence}"
+
+
+class RowSink(Protocol):
+    """Where normalized rows go (the queue manager)."""
+
+    async def put(self, kind: Kind, ticker: str, row: Row) -> None: ...
+
+
+@dataclass
+class ProcessorCounters:
+    """What the processor saw; exposed in logs, health and the run summary."""
+
+    frames: int = 0
+    trades: int = 0
+    books: int = 0
+    disconnects: int = 0
+    skipped_types: Counter[str] = field(default_factory=Counter)
+    invalid: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class NormalizedRow:
+    """A row and where it goes."""
+
+    kind: Kind
+    ticker: str
+    row: Row
+
+
+class DataProcessor:
+    """Turn frames into rows, counting everything it does not store."""
+
+    def __init__(self, orderbook_levels: int, tickers: TickerNormalizer) -> None:
+        self.orderbook_levels = orderbook_levels
+        self.tickers = tickers
+        self.trade_ids = TradeIds()
+        self.counters = ProcessorCounters()
+        self.last_disconnect: Disconnect | None = None
+
+    def process(self, frame: Frame) -> NormalizedRow | None:
+        """Return the row of one frame, or None for a frame that is counted and skipped."""
+        self.counters.frames += 1
+        try:
+            message = decode(frame.data)
+            return self._normalize(message, datetime_from_ns(frame.received_ns))
+        except SkippedType as skipped:
+            self.counters.skipped_types[skipped.envelope.type] += 1
+        except InvalidMessage as invalid:
+            self._count_invalid(invalid, frame)
+        return None
+
+    def _normalize(self, message: Message, received_at: datetime) -> NormalizedRow | None:
+        if isinstance(message, Trade):
+            row = trade_row(message, self.trade_ids(message), received_at)
+            self.counters.trades += 1
+            return NormalizedRow("trade", self.tickers(message.symbol), row)
+        if isinstance(message, BookSnapshot):
+            row = book_row(message, self.orderbook_levels, received_at)
+            self.counters.books += 1
+            return NormalizedRow("orderbook", self.tickers(message.symbol), row)
+        self.counters.disconnects += 1
+        self.last_disconnect = message
+        log.warning(
+            "[!] Tardis Machine reports a disconnect from %s at %s (symbols: %s): data has a gap",
+            message.exchange,
+            message.local_timestamp,
+            ",".join(message.symbols or []) or "all",
+        )
+        return None
+
+    def _count_invalid(self, invalid: InvalidMessage, frame: Frame) -> None:
+        self.counters.invalid[invalid.reason] += 1
+        count = self.counters.invalid[invalid.reason]
+        # Log the first few of each kind with a sample, then every 1000th: a flood of garbage
+        # must stay visible without drowning the log.
+        if count <= 5 or count % 1000 == 0:
+            log.warning(
+                "Skipped invalid frame (%s, %d so far): %s; frame starts %r",
+                invalid.reason,
+                count,
+                invalid,
+                frame.data[:200],
+            )
+
+    async def run(self, frames: AsyncIterator[Frame], sink: RowSink) -> None:
+        """Normalize every frame of `frames` and put the rows into `sink`."""
+        async for frame in frames:
+            normalized = self.process(frame)
+            if normalized is not None:
+                await sink.put(normalized.kind, normalized.ticker, normalized.row)
