@@ -61,9 +61,13 @@ def column_types(columns: tuple[tuple[str, str], ...]) -> list[str]:
 
 def table_name(kind: Kind, ticker: str) -> str:
     """Return the validated, unquoted table name for `kind` and `ticker`."""
-    name = f"{kind}_{ticker}"
+    return validated_table_name(f"{kind}_{ticker}")
+
+
+def validated_table_name(name: str) -> str:
+    """Return `name` if it is a safe spot table name, else raise ValueError."""
     if not _TABLE_NAME.match(name) or len(name.encode()) > MAX_IDENTIFIER_BYTES:
-        raise ValueError(f"unsafe table name {name!r} (ticker {ticker!r})")
+        raise ValueError(f"unsafe table name {name!r}")
     return name
 
 
@@ -93,6 +97,7 @@ class TableLayout:
 
 def layout_for(table: str, levels: int) -> TableLayout:
     """Return the layout of a table named by `table_name`."""
+    validated_table_name(table)
     if table.startswith("orderbook_"):
         return TableLayout(table, "orderbook", book_columns(levels), BOOK_KEY)
     if table.startswith("trade_"):

@@ -82,9 +82,9 @@ def ticker_for(symbol: str) -> str:
     if len(parts) == 2 and parts[0] and parts[1]:
         return _fit(f"{parts[0]}_{parts[1]}")
     compact = _UNSAFE.sub("", lowered)
-    for quote in KNOWN_QUOTES:
-        if compact.endswith(quote) and len(compact) > len(quote):
-            return _fit(f"{compact[: -len(quote)]}_{quote}")
+    quote = _quote_of(compact)
+    if quote:
+        return _fit(f"{compact[: -len(quote)]}_{quote}")
     safe = _UNSAFE.sub("_", lowered).strip("_") or "unknown"
     log.warning(
         "Cannot split symbol %r into base and quote; storing it as ticker %r "
@@ -93,6 +93,16 @@ def ticker_for(symbol: str) -> str:
         _fit(safe),
     )
     return _fit(safe)
+
+
+def _quote_of(compact: str) -> str | None:
+    # The longest quote that leaves a base of 3+ letters: XBTUSD is xbt_usd, not xb_tusd, while
+    # BTCTUSD stays btc_tusd. Failing that, the longest that leaves any base (OPUSDT: op_usdt).
+    matches = [q for q in KNOWN_QUOTES if compact.endswith(q) and len(compact) > len(q)]
+    for quote in matches:
+        if len(compact) - len(quote) >= 3:
+            return quote
+    return matches[0] if matches else None
 
 
 def _fit(ticker: str) -> str:
