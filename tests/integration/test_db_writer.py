@@ -14,8 +14,19 @@ MOMENT = datetime(2024, 3, 1, tzinfo=UTC)
 
 def _trade(i: int, trade_id: str | None = None) -> Row:
     us = 1_709_251_200_000_000 + i
-    return ("binance", "BTCUSDT", trade_id or str(i), "buy", 100.0 + i, 1.5, MOMENT, MOMENT,
-            us, us, MOMENT)
+    return (
+        "binance",
+        "BTCUSDT",
+        trade_id or str(i),
+        "buy",
+        100.0 + i,
+        1.5,
+        MOMENT,
+        MOMENT,
+        us,
+        us,
+        MOMENT,
+    )
 
 
 def _book(i: int, levels: int = 15) -> Row:
@@ -44,7 +55,9 @@ async def test_copy_rows_creates_the_table_and_writes_every_row(pg_url: str, pg)
     assert (await cursor.fetchone()) == (len(book_columns(15)),)
 
 
-async def test_a_batch_written_twice_leaves_one_copy_and_new_rows_still_land(pg_url: str, pg) -> None:
+async def test_a_batch_written_twice_leaves_one_copy_and_new_rows_still_land(
+    pg_url: str, pg
+) -> None:
     async with PostgreSQLDatabase(pg_url, 15) as db:
         await db.copy_rows("trade_btc_usdt", [_trade(i) for i in range(100)])
         again = await db.copy_rows("trade_btc_usdt", [_trade(i) for i in range(150)])
@@ -66,13 +79,14 @@ async def test_existing_table_with_other_levels_is_an_error_naming_both(pg_url: 
 
 async def test_unsafe_table_names_are_refused_before_any_sql(pg_url: str) -> None:
     async with PostgreSQLDatabase(pg_url, 15) as db:
-        with pytest.raises(ValueError, match="not a spot table|unsafe"):
+        with pytest.raises(ValueError, match=r"not a spot table|unsafe"):
             await db.ensure_table('trade_x"; DROP TABLE x; --')
 
 
 async def test_unreachable_database_is_database_unavailable() -> None:
-    db = PostgreSQLDatabase("postgresql://nobody:secret@127.0.0.1:9/none", 15,
-                            connect_timeout_secs=1)
+    db = PostgreSQLDatabase(
+        "postgresql://nobody:secret@127.0.0.1:9/none", 15, connect_timeout_secs=1
+    )
     with pytest.raises(DatabaseUnavailable) as raised:
         await db.open()
 

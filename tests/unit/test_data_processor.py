@@ -28,9 +28,14 @@ RECEIVED_AT = datetime(2024, 3, 1, 0, 0, 0, 500000, tzinfo=UTC)
 def _snapshot(bids: list[dict[str, float]], asks: list[dict[str, float]]) -> bytes:
     return json.dumps(
         {
-            "type": "book_snapshot", "symbol": "BTCUSDT", "exchange": "binance",
-            "name": "book_snapshot_15_100ms", "depth": 15, "interval": 100,
-            "bids": bids, "asks": asks,
+            "type": "book_snapshot",
+            "symbol": "BTCUSDT",
+            "exchange": "binance",
+            "name": "book_snapshot_15_100ms",
+            "depth": 15,
+            "interval": 100,
+            "bids": bids,
+            "asks": asks,
             "timestamp": "2024-03-01T00:00:11.000Z",
             "localTimestamp": "2024-03-01T00:00:12.132456Z",
         }
@@ -127,7 +132,16 @@ def test_real_tardis_machine_output_normalizes_with_padding_and_skips() -> None:
     assert first_book.kind == "orderbook" and first_book.ticker == "btc_usdt"  # type: ignore[attr-defined]
     row = first_book.row  # type: ignore[attr-defined]
     assert row[4] == 1_709_251_200_002_123  # 6-digit exchange timestamp kept
-    assert row[6:14] == (61130.97, 61130.96, 61130.95, 61130.94, 61130.93, 61130.92, 61130.91, 61130.9)
+    assert row[6:14] == (
+        61130.97,
+        61130.96,
+        61130.95,
+        61130.94,
+        61130.93,
+        61130.92,
+        61130.91,
+        61130.9,
+    )
     assert row[14:21] == (None,) * 7  # the 7 `{}` levels
 
 
@@ -144,7 +158,13 @@ def test_tardis_node_mapper_outputs_never_crash_and_every_trade_is_kept() -> Non
 
 
 def test_id_less_trades_sharing_a_timestamp_get_distinct_deterministic_ids() -> None:
-    trade = b'{"type":"trade","symbol":"BTC-USD","exchange":"coinbase","price":1.5,"amount":2,"side":"buy","timestamp":"2024-03-01T00:00:00.000001Z","localTimestamp":"2024-03-01T00:00:00.100000Z"}'
+    trade = _trade_frame(
+        symbol="BTC-USD",
+        exchange="coinbase",
+        price=1.5,
+        amount=2,
+        timestamp="2024-03-01T00:00:00.000001Z",
+    )
     first, _ = _process_file_bytes([trade, trade, trade])
     again, _ = _process_file_bytes([trade, trade, trade])
 
@@ -158,16 +178,34 @@ def _process_file_bytes(lines: list[bytes]) -> tuple[list[str], DataProcessor]:
     return ids, processor
 
 
+def _trade_frame(**fields: object) -> bytes:
+    message: dict[str, object] = {
+        "type": "trade",
+        "symbol": "BTCUSDT",
+        "exchange": "binance",
+        "price": 1,
+        "amount": 1,
+        "side": "buy",
+        "timestamp": "2024-03-01T00:00:00Z",
+        "localTimestamp": "2024-03-01T00:00:00Z",
+    }
+    message.update(fields)
+    return json.dumps(message).encode()
+
+
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
         (b"not json at all", "not_json"),
         (b'{"type":"trade","symbol":"X"}', "wrong_shape"),
-        (b'{"type":"trade","symbol":"BTCUSDT","exchange":"binance","price":"abc","amount":1,"side":"buy","timestamp":"2024-03-01T00:00:00Z","localTimestamp":"2024-03-01T00:00:00Z"}', "wrong_shape"),
-        (b'{"type":"trade","symbol":"BTCUSDT","exchange":"binance","price":-1,"amount":1,"side":"buy","timestamp":"2024-03-01T00:00:00Z","localTimestamp":"2024-03-01T00:00:00Z"}', "invalid_price"),
-        (b'{"type":"trade","symbol":"BTCUSDT","exchange":"binance","price":1,"amount":0,"side":"buy","timestamp":"2024-03-01T00:00:00Z","localTimestamp":"2024-03-01T00:00:00Z"}', "invalid_amount"),
-        (b'{"type":"trade","symbol":"BTCUSDT","exchange":"binance","price":1,"amount":1,"side":"up","timestamp":"2024-03-01T00:00:00Z","localTimestamp":"2024-03-01T00:00:00Z"}', "invalid_side"),
-        (b'{"type":"trade","symbol":"BTCUSDT","exchange":"binance","price":1,"amount":1,"side":"buy","timestamp":"soon","localTimestamp":"2024-03-01T00:00:00Z"}', "bad_timestamp"),
+        (_trade_frame(price="abc"), "wrong_shape"),
+        (_trade_frame(price=None), "wrong_shape"),
+        (_trade_frame(price=-1), "invalid_price"),
+        (_trade_frame(price=12345).replace(b"12345", b"1e400"), "wrong_shape"),
+        (_trade_frame(amount=0), "invalid_amount"),
+        (_trade_frame(side="up"), "invalid_side"),
+        (_trade_frame(timestamp="soon"), "bad_timestamp"),
+        (_trade_frame(timestamp="0000-01-01T00:00:00Z"), "bad_timestamp"),
         (b"[1,2,3]", "wrong_shape"),
         (b"\xff\xfe{", "not_json"),
     ],
@@ -183,7 +221,7 @@ def test_other_message_types_are_skipped_with_a_count() -> None:
     with pytest.raises(SkippedType):
         decode(b'{"type":"derivative_ticker","symbol":"X","exchange":"deribit"}')
     with pytest.raises(SkippedType):
-        decode(b'{"type":"book_snapshot","symbol":"X","exchange":"b","name":"quote","depth":1,"interval":0,"bids":[{}],"asks":[{}],"timestamp":"2024-03-01T00:00:00Z","localTimestamp":"2024-03-01T00:00:00Z"}')
+        decode(_snapshot([{}], [{}]).replace(b"book_snapshot_15_100ms", b"quote"))
 
 
 def test_trade_decodes_to_a_frozen_struct() -> None:
