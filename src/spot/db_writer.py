@@ -125,7 +125,9 @@ class PostgreSQLDatabase:
             except psycopg.errors.UniqueViolation:
                 return await _merge_into(conn, layout, rows)
 
-    async def execute(self, query: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    async def execute(
+        self, query: str, params: Sequence[object] | None = None
+    ) -> list[tuple[object, ...]]:
         """Run one statement and return its rows (for reports, gaps and tests)."""
         async with self._connection() as conn:
             cursor = await conn.execute(query, params)

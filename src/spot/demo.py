@@ -7,6 +7,7 @@ Starts the embedded PostgreSQL and `spot serve` on loopback, replays the capture
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -48,8 +49,8 @@ def demo_settings(ws_url: str, database_url: str) -> Settings:
                 "to": manifest["to"],
             },
             "exchanges": [
-                {"name": name, "symbols": symbols}
-                for name, symbols in manifest["exchanges"].items()
+                {"name": name, "symbols": exchange["symbols"]}
+                for name, exchange in manifest["exchanges"].items()
             ],
             "database": {"url": database_url},
         },
@@ -68,7 +69,11 @@ class TableReport:
 
 async def run_demo(data_dir: Path | None = None) -> tuple[RunSummary, list[TableReport]]:
     """Replay the demo capture into the embedded PostgreSQL; return the summary and tables."""
-    embedded = EmbeddedPostgres(data_dir or default_data_dir().with_name("demo-postgres"))
+    data_dir = data_dir or default_data_dir().with_name("demo-postgres")
+    # A fresh cluster each time, so the counts shown are this run's (a second run into the same
+    # tables would show idempotency instead: every row skipped as already stored).
+    shutil.rmtree(data_dir, ignore_errors=True)
+    embedded = EmbeddedPostgres(data_dir)
     server = TardisMachineServer(ServeOptions(captures=(demo_capture(),)))
     async with embedded, server:
         settings = demo_settings(server.ws_url, embedded.url)
@@ -90,7 +95,18 @@ async def table_reports(settings: Settings) -> list[TableReport]:
             [(count,)] = await db.execute(f"SELECT count(*) FROM {name}")
             sample = await db.execute(
                 f"SELECT row_to_json(t)::text FROM {name} t ORDER BY timestamp_us DESC LIMIT 1"
-            )
+            )  # identifiers validated by information_schema and quoted
             row = json.loads(str(sample[0][0])) if sample else {}
             reports.append(TableReport(str(table), int(str(count)), row))
         return reports
+
+
+def sample_summary(report: TableReport) -> dict[str, object]:
+    """Return a readable subset of a sample row: keys, timestamps, top level, depth present."""
+    row = report.sample
+    shown = {k: v for k, v in row.items() if not k[-1].isdigit() or k.endswith("_1")}
+    shown.pop("received_at", None)
+    if report.table.startswith("orderbook_"):
+        shown["bid_levels"] = sum(1 for k, v in row.items() if k.startswith("bid_price_") and v)
+        shown["ask_levels"] = sum(1 for k, v in row.items() if k.startswith("ask_price_") and v)
+    return shown
