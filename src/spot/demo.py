@@ -7,8 +7,8 @@ Starts the embedded PostgreSQL and `spot serve` on loopback, replays the capture
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
