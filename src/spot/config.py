@@ -45,12 +45,26 @@ class TardisConfig(_Section, frozen=True):
     reconnect_max_secs: PositiveFloat = 30.0
     # Replay mode: give up after this many reconnects in a row without a message.
     max_reconnect_attempts: PositiveInt = 20
+    # Replay over the WebSocket, or over HTTP GET /replay-normalized (url = "http://host:8000").
+    transport: Literal["websocket", "http"] = "websocket"
 
     def __post_init__(self) -> None:
-        if not re.match(r"^wss?://", self.url):
+        if self.transport == "http":
+            _check_http_transport(self.url, self.mode)
+        elif not re.match(r"^wss?://", self.url):
             raise ValueError(f"url must start with ws:// or wss://, got {self.url!r}")
         if self.mode == "replay" and (self.from_ is None or self.to is None):
             raise ValueError("replay mode needs both `from` and `to`")
+
+
+def _check_http_transport(url: str, mode: str) -> None:
+    if not re.match(r"^https?://", url):
+        raise ValueError(
+            f'transport "http" reads Tardis Machine\'s HTTP port: url must start with http:// '
+            f'or https:// (e.g. "http://127.0.0.1:8000"), got {url!r}'
+        )
+    if mode != "replay":
+        raise ValueError('transport "http" serves replays only: set mode = "replay"')
 
 
 class BookConfig(_Section, frozen=True):
