@@ -260,3 +260,94 @@ class DataProcessor:
             normalized = self.process(frame)
             if normalized is not None:
                 await sink.put(normalized.kind, normalized.ticker, normalized.row)
+
+
+# Rows from Unix-microsecond times (Tardis CSV datasets): the same tuples as trade_row / book_row,
+# without formatting and re-parsing timestamp text.
+
+
+def datetime_from_us(unix_us: int) -> datetime:
+    """Return the aware UTC datetime of Unix microseconds, exactly."""
+    try:
+        return EPOCH + timedelta(microseconds=unix_us)
+    except OverflowError:
+        raise InvalidMessage("bad_timestamp", repr(unix_us)) from None
+
+
+def tardis_timestamp_text(unix_us: int) -> str:
+    """Return Unix microseconds as Tardis Machine prints them: 3 fractional digits, or 6 if µs."""
+    seconds_text = datetime_from_us(unix_us).strftime("%Y-%m-%dT%H:%M:%S")
+    micros = unix_us % 1_000_000
+    if micros % 1000:
+        return f"{seconds_text}.{micros:06d}Z"
+    return f"{seconds_text}.{micros // 1000:03d}Z"
+
+
+def trade_row_us(
+    exchange: str,
+    symbol: str,
+    trade_id: str,
+    side: str,
+    price: float,
+    amount: float,
+    timestamp_us: int,
+    local_timestamp_us: int,
+    received_at: datetime,
+) -> Row:
+    """Return the `trade_<ticker>` row of a trade timed in Unix microseconds.
+
+    Checked like `trade_row`; equal to `trade_row` of the same trade as Tardis Machine JSON.
+    """
+    _check_positive("price", price)
+    _check_positive("amount", amount)
+    if side not in TRADE_SIDES:
+        raise InvalidMessage("invalid_side", repr(side))
+    return (
+        exchange,
+        symbol,
+        trade_id,
+        side,
+        price,
+        amount,
+        datetime_from_us(timestamp_us),
+        datetime_from_us(local_timestamp_us),
+        timestamp_us,
+        local_timestamp_us,
+        received_at,
+    )
+
+
+def fit_levels(values: list[float | None], depth: int) -> list[float | None]:
+    """Return exactly `depth` values: deeper ones cut, missing ones None."""
+    if len(values) >= depth:
+        return values[:depth]
+    return values + [None] * (depth - len(values))
+
+
+def book_row_us(
+    exchange: str,
+    symbol: str,
+    timestamp_us: int,
+    local_timestamp_us: int,
+    bids: tuple[list[float | None], list[float | None]],
+    asks: tuple[list[float | None], list[float | None]],
+    depth: int,
+    received_at: datetime,
+) -> Row:
+    """Return the `orderbook_<ticker>` row of a snapshot given as (prices, amounts) per side.
+
+    Sides are best first; None is an absent level. Cut or padded to `depth` like `book_row`.
+    """
+    return (
+        exchange,
+        symbol,
+        datetime_from_us(timestamp_us),
+        datetime_from_us(local_timestamp_us),
+        timestamp_us,
+        local_timestamp_us,
+        *fit_levels(bids[0], depth),
+        *fit_levels(bids[1], depth),
+        *fit_levels(asks[0], depth),
+        *fit_levels(asks[1], depth),
+        received_at,
+    )
