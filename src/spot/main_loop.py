@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,8 @@ from spot.config import Settings
 from spot.data_processor import DataProcessor, ProcessorCounters
 from spot.db_writer import PostgreSQLDatabase, QueueProcessor, WriterCounters
 from spot.embedded_database import EmbeddedPostgres
+from spot.file_replay import FileReplaySource
+from spot.http_replay import HttpReplaySource
 from spot.messages import Frame
 from spot.queue_manager import QueueManager
 from spot.tables import table_name
@@ -56,8 +58,10 @@ def data_types(settings: Settings) -> list[str]:
     return ["trade", settings.book.data_type]
 
 
-def tardis_source(settings: Settings) -> TardisMachineSource:
-    """Return the WebSocket source the settings describe."""
+def tardis_source(settings: Settings) -> TardisMachineSource | HttpReplaySource:
+    """Return the Tardis Machine source the settings describe (WebSocket, or HTTP replay)."""
+    if settings.tardis.transport == "http":
+        return HttpReplaySource(settings.tardis, settings.exchanges, data_types(settings))
     return TardisMachineSource(settings.tardis, settings.exchanges, data_types(settings))
 
 
@@ -66,8 +70,12 @@ async def run(
     source: Source | None = None,
     *,
     handle_signals: bool = False,
+    prepare: Callable[[Pipeline], None] | None = None,
 ) -> RunSummary:
-    """Run the pipeline until the source ends or a signal stops it; return what happened."""
+    """Run the pipeline until the source ends or a signal stops it; return what happened.
+
+    `prepare` sees the wired pipeline before it starts (file replay attaches its rows there).
+    """
     async with _database_url(settings) as url:
         db = PostgreSQLDatabase(
             url,
@@ -77,9 +85,33 @@ async def run(
         )
         async with db:
             pipeline = Pipeline(settings, db, source or tardis_source(settings))
+            if prepare is not None:
+                prepare(pipeline)
             await pipeline.create_configured_tables()
             with _signals_stop(pipeline, enabled=handle_signals):
                 return await pipeline.run()
+
+
+async def run_files(
+    settings: Settings,
+    source: FileReplaySource,
+    *,
+    handle_signals: bool = False,
+    on_start: Callable[[Pipeline], None] | None = None,
+) -> RunSummary:
+    """Replay files through the same pipeline: NDJSON lines as frames, CSV rows into the queues.
+
+    A bad file raises BadInputFile after the rows read before it are stored.
+    """
+
+    def prepare(pipeline: Pipeline) -> None:
+        # A file waits for the database, whatever tardis.mode says: nothing may overflow.
+        pipeline.queues.mode = "replay"
+        source.attach(pipeline.processor, pipeline.queues)
+        if on_start is not None:
+            on_start(pipeline)
+
+    return await run(settings, source, handle_signals=handle_signals, prepare=prepare)
 
 
 @contextlib.asynccontextmanager
