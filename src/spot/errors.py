@@ -4,6 +4,8 @@
     ├── ConfigError            bad or unknown configuration key (names the key)
     ├── SchemaMismatch         an existing table disagrees with the configuration (names the table)
     ├── DatabaseUnavailable    PostgreSQL cannot be reached or dropped the connection (retryable)
+    ├── RowsRejected           PostgreSQL refused the rows themselves (a data error, not retryable)
+    ├── SpillError             fallback storage cannot be written, read or listed (retryable)
     ├── SourceError            the Tardis Machine source failed
     │   └── ServerClosedWithError   close 1011 (or 1008) with the server's reason
     └── BadInputFile           a replay file that cannot be read (names the file and line)
@@ -51,3 +53,13 @@ class ServerClosedWithError(SourceError):
 
 class BadInputFile(SpotError):
     """A replay file is corrupt or of an unknown format."""
+
+
+class RowsRejected(SpotError):
+    """PostgreSQL refused a batch for what is in it (bad value, NUL byte); retrying cannot help."""
+
+
+class SpillError(SpotError):
+    """Fallback storage failed (disk, bucket, or a corrupt spill); the message names the spill."""
+
+    retryable = True
