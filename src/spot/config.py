@@ -102,6 +102,28 @@ class DatabaseConfig(_Section, frozen=True):
     connect_timeout_secs: PositiveFloat = 10.0
 
 
+class FallbackConfig(_Section, frozen=True):
+    """Where batches go when PostgreSQL cannot take them in time, and how they come back."""
+
+    enabled: bool = True
+    # file:///dir (empty: the user data dir) or gs://bucket/prefix (needs the `gcs` extra).
+    url: str = ""
+    compression: Literal["zstd", "gzip"] = "zstd"
+    # gcsfs options (project, token, endpoint_url); empty: Google's usual credential chain.
+    storage_options: dict[str, str] = msgspec.field(default_factory=dict)
+    # A batch retried this long without success is spilled instead.
+    spill_after_secs: PositiveFloat = 30.0
+    # Stream-mode overflow is gathered per table and spilled by size or age.
+    buffer_rows: PositiveInt = 10_000
+    buffer_secs: PositiveFloat = 5.0
+    # The running service re-ingests spills this often once PostgreSQL answers.
+    recover_interval_secs: PositiveFloat = 10.0
+
+    def __post_init__(self) -> None:
+        if self.url and not re.match(r"^(file|gs)://", self.url):
+            raise ValueError(f"url must start with file:// or gs://, got {self.url!r}")
+
+
 class Settings(_Section, frozen=True):
     """The whole configuration of one spot process."""
 
@@ -112,6 +134,9 @@ class Settings(_Section, frozen=True):
     ticker_overrides: dict[str, str] = msgspec.field(default_factory=dict)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    fallback: FallbackConfig = msgspec.field(default_factory=FallbackConfig)
+    # After the input ends, what PostgreSQL has not taken within this time is spilled.
+    shutdown_timeout_secs: PositiveFloat = 30.0
 
     def __post_init__(self) -> None:
         names = [exchange.name for exchange in self.exchanges]
