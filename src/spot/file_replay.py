@@ -148,6 +148,7 @@ class FileReport:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> lines
     skipped_by_table: Counter[tuple[str, str]] = field(default_factory=Counter)
     completed: bool = False
+    note: str = ""  # why a readable file gave nothing (empty, quotes)
     error: str | None = None
 
 
@@ -240,9 +241,10 @@ class FileReplaySource:
     async def _replay_file(self, path: Path, report: FileReport) -> AsyncIterator[Frame]:
         bytes_before = self.progress.bytes_done
         try:
-            with _open_decompressed(path) as (stream, raw):
+            with contextlib.ExitStack() as open_files:
+                stream, raw = open_files.enter_context(_open_decompressed(path))
                 position = raw.tell
-                for item in self._items(stream, report):
+                for item in self._items(stream, report, open_files):
                     if item is None:
                         self.progress.bytes_done = bytes_before + position()
                         self._received_at = datetime_from_ns(time.time_ns())
@@ -265,16 +267,19 @@ class FileReplaySource:
         assert self._sink is not None
         await self._sink.put(item.kind, item.ticker, item.row)
 
-    def _items(self, stream: _Stream, report: FileReport) -> Iterator[Item]:
+    def _items(
+        self, stream: _Stream, report: FileReport, open_files: contextlib.ExitStack
+    ) -> Iterator[Item]:
         """Detect the format of `stream` and return the generator that reads it."""
         head = stream.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n")
         if not head:
-            log.warning("%s: empty file, nothing to replay", report.path)
+            report.note = "empty file, nothing to replay"
+            log.warning("%s: %s", report.path, report.note)
             return iter(())
         if head.startswith(b"{"):
             report.format = "NDJSON"
             return self._ndjson_items(stream, report)
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        text = open_files.enter_context(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
         reader: _Reader = csv.reader(text)
         header = next(reader, [])
         report.header_lines = reader.line_num
@@ -296,7 +301,8 @@ class FileReplaySource:
             )
         if detected.format == "incremental_book_L2":
             return self._incremental_items(reader, report)
-        log.warning("%s: %s: spot stores no quotes, file skipped", report.path, detected)
+        report.note = f"{detected}: spot stores no quotes, file skipped"
+        log.warning("%s: %s", report.path, report.note)
         return iter(())
 
     def _ndjson_items(self, stream: _Stream, report: FileReport) -> Iterator[Item]:
@@ -318,7 +324,9 @@ class FileReplaySource:
         kind: Kind,
         build: Callable[[list[str]], NormalizedRow],
     ) -> Iterator[Item]:
-        progress = self.progress
+        assert self._processor is not None
+        # CSV rows are normalized here, so they count where WebSocket rows count.
+        counters, progress = self._processor.counters, self.progress
         for record in reader:
             report.lines += 1
             progress.lines += 1
@@ -330,6 +338,10 @@ class FileReplaySource:
                 self._count_skip(report, kind, skip, reader)
                 continue
             report.rows += 1
+            if kind == "trade":
+                counters.trades += 1
+            else:
+                counters.books += 1
             yield row
 
     def _incremental_items(self, reader: _Reader, report: FileReport) -> Iterator[Item]:
@@ -366,6 +378,7 @@ class FileReplaySource:
                 self._received_at,
             )
             report.rows += 1
+            self._processor.counters.books += 1
             yield NormalizedRow("orderbook", tickers(snapshot.symbol), row)
 
     def _trade_row(self, record: list[str]) -> NormalizedRow:
@@ -422,9 +435,7 @@ class FileReplaySource:
         )
         return NormalizedRow("orderbook", self._processor.tickers(symbol), row)
 
-    def _count_skip(
-        self, report: FileReport, kind: Kind, skip: _Skip, reader: _Reader
-    ) -> None:
+    def _count_skip(self, report: FileReport, kind: Kind, skip: _Skip, reader: _Reader) -> None:
         assert self._processor is not None
         report.skipped[skip.reason] += 1
         table = _table_or_unknown(kind, skip.symbol, self._processor.tickers)

@@ -132,7 +132,9 @@ class HttpReplaySource:
             self._response = response
             try:
                 self.connects += 1
-                log.info("[+] GET %s%s (request %d)", self.tardis.url, HTTP_REPLAY_PATH, self.connects)
+                log.info(
+                    "[+] GET %s%s (request %d)", self.tardis.url, HTTP_REPLAY_PATH, self.connects
+                )
                 await _raise_for_status(response)
                 async for frame in self._read(response):
                     yield frame
