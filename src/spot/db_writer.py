@@ -4,11 +4,17 @@ Writes are binary COPY. Every table has a primary key, so a batch written twice 
 ambiguous failure, a replay run again, a spill recovered) leaves one copy of each row: the batch is
 first COPYed straight into the table, and only when that hits a duplicate key is it written again
 through a temporary table with `ON CONFLICT DO NOTHING` — a duplicate never costs other rows.
+
+A batch PostgreSQL refuses for its contents (a data error: a NUL byte, a wrong type) is split in
+halves until the bad rows are isolated; they go to `reject`, the rest is written. A batch that
+cannot reach PostgreSQL is retried with backoff and jitter, then spilled (`spill`) once
+`spill_after_secs` have passed or `spill_now()` was called (the shutdown deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,12 +27,35 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from spot.errors import DatabaseUnavailable, SpotError
+from spot.errors import DatabaseUnavailable, RowsRejected, SpillError, SpotError
 from spot.tables import Row, TableLayout, check_book_levels, column_types, layout_for
 
 log = logging.getLogger(__name__)
 
 Batch = list[Row]
+
+# What PostgreSQL (or psycopg's dumpers, client side) raise for the contents of a batch: retrying
+# the same rows cannot help. Connection failures are OperationalError, translated separately.
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError, OverflowError)
+
+GAPS_TABLE = "spot_gaps"
+# Times without data: Tardis Machine `disconnect` messages and stream reconnects.
+GAP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("exchange", "text NOT NULL"),
+    ("gap_start", "timestamptz NOT NULL"),
+    ("gap_end", "timestamptz NOT NULL"),
+    ("reason", "text NOT NULL"),
+    ("recorded_at", "timestamptz NOT NULL"),
+)
+_GAPS_DDL = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {} (exchange text NOT NULL, gap_start timestamptz NOT NULL,"
+    " gap_end timestamptz NOT NULL, reason text NOT NULL, recorded_at timestamptz NOT NULL,"
+    " PRIMARY KEY (exchange, gap_start, reason))"
+).format(sql.Identifier(GAPS_TABLE))
+_GAPS_INSERT = sql.SQL(
+    "INSERT INTO {} (exchange, gap_start, gap_end, reason, recorded_at)"
+    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+).format(sql.Identifier(GAPS_TABLE))
 
 
 def redact_dsn(url: str) -> str:
@@ -50,10 +79,14 @@ class PostgreSQLDatabase:
         *,
         pool_size: int = 4,
         connect_timeout_secs: float = 10.0,
+        require_connection: bool = True,
     ) -> None:
         self.url = url
         self.orderbook_levels = orderbook_levels
         self.connect_timeout_secs = connect_timeout_secs
+        # False: open() succeeds with PostgreSQL down (batches go to the spill until it is back).
+        self.require_connection = require_connection
+        self._gaps_table_ready = False
         self._pool = AsyncConnectionPool(
             url,
             min_size=1,
@@ -82,7 +115,20 @@ class PostgreSQLDatabase:
         await self.aclose()
 
     async def open(self) -> None:
-        """Open the pool, failing with DatabaseUnavailable when PostgreSQL cannot be reached."""
+        """Open the pool, failing with DatabaseUnavailable when PostgreSQL cannot be reached.
+
+        Without `require_connection` an unreachable server is only logged: the pool keeps
+        connecting whenever a connection is asked for.
+        """
+        if not self.require_connection:
+            await self._pool.open(wait=False)
+            try:
+                await self.execute("SELECT 1")
+            except DatabaseUnavailable as exc:
+                log.warning("[!] Starting without PostgreSQL at %s: %s", redact_dsn(self.url), exc)
+                return
+            log.info("Connected to PostgreSQL at %s", redact_dsn(self.url))
+            return
         try:
             await self._pool.open(wait=True, timeout=self.connect_timeout_secs)
         except (PoolTimeout, psycopg.OperationalError) as exc:
@@ -117,13 +163,29 @@ class PostgreSQLDatabase:
         return layout
 
     async def copy_rows(self, table: str, rows: Sequence[Row]) -> int:
-        """Write `rows` into `table` once; return how many were new (duplicates are skipped)."""
+        """Write `rows` into `table` once; return how many were new (duplicates are skipped).
+
+        Raise RowsRejected when PostgreSQL refuses the contents; nothing of the batch is stored.
+        """
         layout = await self.ensure_table(table)
         async with self._connection() as conn:
             try:
-                return await _copy_into(conn, layout, layout.name, rows)
-            except psycopg.errors.UniqueViolation:
-                return await _merge_into(conn, layout, rows)
+                try:
+                    return await _copy_into(conn, layout, layout.name, rows)
+                except psycopg.errors.UniqueViolation:
+                    return await _merge_into(conn, layout, rows)
+            except _DATA_ERRORS as exc:
+                raise RowsRejected(f"{table}: {type(exc).__name__}: {exc}") from exc
+
+    async def insert_gaps(self, rows: Sequence[Row]) -> int:
+        """Record gap rows (GAP_COLUMNS order) in spot_gaps once; return how many were new."""
+        async with self._connection() as conn:
+            if not self._gaps_table_ready:
+                await conn.execute(_GAPS_DDL)
+                self._gaps_table_ready = True
+            async with conn.transaction(), conn.cursor() as cursor:
+                await cursor.executemany(_GAPS_INSERT, rows)
+                return max(cursor.rowcount, 0)
 
     async def execute(
         self, query: str, params: Sequence[object] | None = None
@@ -199,13 +261,21 @@ class WriterCounters:
     rows_duplicate: int = 0
     retries: int = 0
     rows_spilled: int = 0
+    rows_rejected: int = 0
+    rows_lost: int = 0  # could reach neither PostgreSQL nor the spill by the shutdown deadline
 
 
 SpillHandler = Callable[[str, Batch], Awaitable[None]]
+RejectHandler = Callable[[str, Batch, str], Awaitable[None]]
 
 
 class QueueProcessor:
-    """Drain one table's batches into PostgreSQL, retrying with backoff, spilling when told to."""
+    """Drain one table's batches into PostgreSQL, retrying with backoff, spilling when told to.
+
+    After a batch was spilled because PostgreSQL stayed unreachable, later batches get one try
+    each before they are spilled too, until a write succeeds: a long outage does not make every
+    batch wait `spill_after_secs`, so memory and the socket keep moving.
+    """
 
     def __init__(
         self,
@@ -217,6 +287,7 @@ class QueueProcessor:
         retry_max_secs: float = 10.0,
         spill_after_secs: float | None = None,
         spill: SpillHandler | None = None,
+        reject: RejectHandler | None = None,
     ) -> None:
         self.db = db
         self.table = table
@@ -225,13 +296,18 @@ class QueueProcessor:
         self.retry_max_secs = retry_max_secs
         self.spill_after_secs = spill_after_secs
         self._spill = spill
+        self._reject = reject
+        self._give_up = asyncio.Event()
+        self._outage = False
+        self._orphans: set[asyncio.Task[tuple[int, Batch]]] = set()
         self.counters = WriterCounters()
 
     def __repr__(self) -> str:
         c = self.counters
         return (
             f"<QueueProcessor {self.table} batches={c.batches} inserted={c.rows_inserted}"
-            f" duplicate={c.rows_duplicate} retries={c.retries} spilled={c.rows_spilled}>"
+            f" duplicate={c.rows_duplicate} retries={c.retries} spilled={c.rows_spilled}"
+            f" rejected={c.rows_rejected} lost={c.rows_lost}>"
         )
 
     async def run(self) -> None:
@@ -239,49 +315,134 @@ class QueueProcessor:
         async for batch in self._batches:
             await self.write(batch)
 
+    def spill_now(self) -> None:
+        """Stop waiting for PostgreSQL: spill the batch in hand and every later one."""
+        self._give_up.set()
+
     async def write(self, batch: Batch) -> None:
-        """Write one batch, retrying while PostgreSQL is unavailable."""
+        """Write one batch, retrying while PostgreSQL is unavailable, spilling when due."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         delay = self.retry_initial_secs
         while True:
-            try:
-                inserted = await self.db.copy_rows(self.table, batch)
-            except DatabaseUnavailable as exc:
-                if self._should_spill(loop.time() - started):
-                    await self._spill_batch(batch, exc)
+            cause: SpotError | None = None
+            if not self._give_up.is_set():
+                try:
+                    outcome = await self._attempt(batch)
+                except DatabaseUnavailable as exc:
+                    outcome, cause = None, exc
+                if outcome is not None:
+                    await self._count_written(batch, *outcome)
                     return
-                self.counters.retries += 1
-                log.warning(
-                    "Batch of %d rows for %s failed (%s); retrying in %.1fs",
-                    len(batch),
-                    self.table,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, self.retry_max_secs)
-                continue
-            self._count_written(len(batch), inserted)
-            return
+            if self._should_spill(loop.time() - started) and await self._spill_batch(batch, cause):
+                return
+            if self._give_up.is_set() and self._spill is None:
+                self._count_lost(batch, "no fallback storage is configured")
+                return
+            self.counters.retries += 1
+            log.warning(
+                "Batch of %d rows for %s failed (%s); retrying in %.1fs",
+                len(batch),
+                self.table,
+                cause or "spill failed",
+                delay,
+            )
+            await self._pause(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.retry_max_secs)
+
+    async def _attempt(self, batch: Batch) -> tuple[int, Batch] | None:
+        """Return (inserted, rejected rows), or None when the deadline came first."""
+        attempt = asyncio.ensure_future(self._copy_isolating(batch))
+        deadline = asyncio.ensure_future(self._give_up.wait())
+        try:
+            await asyncio.wait((attempt, deadline), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deadline.cancel()
+        if attempt.done():
+            return attempt.result()
+        # The deadline passed mid-write. Let the write finish on its own: the batch is spilled as
+        # well, and re-ingesting a spill that was also written skips the duplicates.
+        self._orphans.add(attempt)
+        attempt.add_done_callback(self._forget)
+        return None
+
+    def _forget(self, attempt: asyncio.Task[tuple[int, Batch]]) -> None:
+        self._orphans.discard(attempt)
+        if not attempt.cancelled() and attempt.exception() is not None:
+            log.debug("Write of %s abandoned at the deadline failed: %s", self.table, attempt)
+
+    async def _copy_isolating(self, rows: Batch) -> tuple[int, Batch]:
+        """Write `rows`; when PostgreSQL refuses them, split to find and return the bad ones."""
+        try:
+            return await self.db.copy_rows(self.table, rows), []
+        except RowsRejected as exc:
+            if len(rows) == 1:
+                log.warning("Rejected a row of %s: %s", self.table, exc)
+                return 0, rows
+        middle = len(rows) // 2
+        first, first_rejected = await self._copy_isolating(rows[:middle])
+        second, second_rejected = await self._copy_isolating(rows[middle:])
+        return first + second, first_rejected + second_rejected
+
+    async def _pause(self, secs: float) -> None:
+        # Sleeps like asyncio.sleep, but the shutdown deadline cuts it short.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._give_up.wait(), secs)
 
     def _should_spill(self, waited_secs: float) -> bool:
-        return (
-            self._spill is not None
-            and self.spill_after_secs is not None
-            and waited_secs >= self.spill_after_secs
-        )
+        if self._spill is None:
+            return False
+        if self._give_up.is_set() or self._outage:
+            return True
+        return self.spill_after_secs is not None and waited_secs >= self.spill_after_secs
 
-    async def _spill_batch(self, batch: Batch, cause: SpotError) -> None:
+    async def _spill_batch(self, batch: Batch, cause: SpotError | None) -> bool:
         assert self._spill is not None
-        await self._spill(self.table, batch)
+        try:
+            await self._spill(self.table, batch)
+        except SpillError as exc:
+            log.error("Cannot spill %d rows of %s: %s", len(batch), self.table, exc)
+            if self._give_up.is_set():
+                self._count_lost(batch, str(exc))
+                return True
+            return False
+        self._outage = cause is not None
         self.counters.rows_spilled += len(batch)
         log.warning(
-            "[⚠] Spilled %d rows for %s to fallback storage (%s)", len(batch), self.table, cause
+            "[⚠] Spilled %d rows for %s to fallback storage (%s)",
+            len(batch),
+            self.table,
+            cause or "shutdown deadline",
+        )
+        return True
+
+    def _count_lost(self, batch: Batch, why: str) -> None:
+        self.counters.rows_lost += len(batch)
+        log.error(
+            "[✗] Lost %d rows of %s at the shutdown deadline: %s", len(batch), self.table, why
         )
 
-    def _count_written(self, rows: int, inserted: int) -> None:
+    async def _count_written(self, batch: Batch, inserted: int, rejected: Batch) -> None:
+        if self._outage:
+            log.info("PostgreSQL takes batches for %s again", self.table)
+        self._outage = False
         self.counters.batches += 1
         self.counters.rows_inserted += inserted
-        self.counters.rows_duplicate += rows - inserted
+        self.counters.rows_duplicate += len(batch) - len(rejected) - inserted
         log.info("[✅] Inserted %d rows into %s", inserted, self.table)
+        if rejected:
+            await self._reject_rows(rejected)
+
+    async def _reject_rows(self, rows: Batch) -> None:
+        self.counters.rows_rejected += len(rows)
+        log.error(
+            "[✗] PostgreSQL refused %d rows of %s (%d so far); the rest of the batch is stored",
+            len(rows),
+            self.table,
+            self.counters.rows_rejected,
+        )
+        if self._reject is not None:
+            try:
+                await self._reject(self.table, rows, "rejected by PostgreSQL")
+            except SpillError as exc:
+                log.error("Cannot keep the %d rejected rows of %s: %s", len(rows), self.table, exc)
