@@ -124,6 +124,31 @@ class FallbackConfig(_Section, frozen=True):
             raise ValueError(f"url must start with file:// or gs://, got {self.url!r}")
 
 
+class HealthConfig(_Section, frozen=True):
+    """Stream health, Prometheus metrics and the HTTP endpoint (/metrics, /health, status page)."""
+
+    # Off: no per-message observation and no endpoint (what bench/metrics_overhead.py compares).
+    enabled: bool = True
+    http: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9108  # 0: any free port
+    # An exchange with no message for this long is `stale` (its /health turns 503).
+    stale_after_secs: PositiveFloat = 30.0
+    # A lag past this bound (either sign) is logged as drift: usually clock skew between hosts.
+    max_drift_secs: PositiveFloat = 5.0
+    # Rates and lag percentiles in /health cover this much recent time.
+    rate_window_secs: PositiveFloat = 10.0
+
+
+class RefreshConfig(_Section, frozen=True):
+    """Symbol refresh without restart (stream mode): on SIGHUP or when the config file changes."""
+
+    watch_config: bool = True
+    poll_secs: PositiveFloat = 2.0
+    # The old subscription is stopped once the new one took over every symbol, or after this.
+    handover_timeout_secs: PositiveFloat = 30.0
+
+
 class Settings(_Section, frozen=True):
     """The whole configuration of one spot process."""
 
@@ -135,6 +160,8 @@ class Settings(_Section, frozen=True):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     fallback: FallbackConfig = msgspec.field(default_factory=FallbackConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    refresh: RefreshConfig = msgspec.field(default_factory=RefreshConfig)
     # After the input ends, what PostgreSQL has not taken within this time is spilled.
     shutdown_timeout_secs: PositiveFloat = 30.0
 
