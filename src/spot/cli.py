@@ -1,4 +1,4 @@
-"""The `spot` command: run, replay, serve, demo.
+"""The `spot` command: run, replay, serve, demo, report, check.
 
 The only module that configures logging or prints.
 """
@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,8 +23,10 @@ from spot.errors import BadInputFile, ConfigError, SpotError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from spot.db_writer import PostgreSQLDatabase
     from spot.file_replay import FileReplaySource
     from spot.main_loop import Pipeline, RunSummary
+    from spot.report import Report
 
 app = typer.Typer(
     help="Ingest Tardis Machine trades and book snapshots into PostgreSQL.",
@@ -198,6 +202,96 @@ def demo_command(log_level: LogLevel = "INFO") -> None:
         typer.echo(f"\n{table.table}, latest row:")
         for key, value in sample_summary(table).items():
             typer.echo(f"  {key:<20} {value}")
+
+
+def _moment(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _fail(ConfigError(f"{option}: not an ISO date or time: {text!r}")) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[PostgreSQLDatabase]:
+    from spot.db_writer import PostgreSQLDatabase
+    from spot.embedded_database import EmbeddedPostgres
+
+    levels = settings.book.orderbook_levels
+    if settings.database.url:
+        async with PostgreSQLDatabase(settings.database.url, levels) as db:
+            yield db
+        return
+    data_dir = settings.database.embedded_data_dir
+    async with (
+        EmbeddedPostgres(Path(data_dir) if data_dir else None) as embedded,
+        PostgreSQLDatabase(embedded.url, levels) as db,
+    ):
+        yield db
+
+
+@app.command("report")
+def report_command(
+    config: ConfigOption = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this time on (UTC), e.g. 2024-03-01.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (UTC).")] = None,
+    gaps: Annotated[int, typer.Option(help="Largest gaps to list per table.")] = 5,
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML page with charts.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Also write the charts as a PNG.")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Print per table: rows, first/last timestamp, largest gaps, recorded gaps, rows per hour."""
+    import os
+
+    from spot.report import build_report, format_report, write_html, write_png
+
+    _configure_logging(log_level)
+    start, end = _moment(since, "--since"), _moment(until, "--until")
+
+    async def collect() -> Report:
+        async with _database(load_settings(config, os.environ)) as db:
+            return await build_report(db, start, end, top_gaps=gaps)
+
+    try:
+        report = asyncio.run(collect())
+        typer.echo(format_report(report))
+        if html is not None:
+            write_html(report, html)
+            typer.echo(f"\nWrote {html}")
+        if png is not None:
+            write_png(report, png)
+            typer.echo(f"\nWrote {png}")
+    except SpotError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("check")
+def check_command(
+    config: ConfigOption = None,
+    url: Annotated[str | None, typer.Option(help="/health URL; default: from [health].")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+) -> None:
+    """Exit 0 when a running spot's /health says ok, 1 when not (a container health check)."""
+    import os
+
+    from spot.health import check_health
+
+    try:
+        health = load_settings(config, os.environ).health
+    except SpotError as exc:
+        raise _fail(exc) from None
+    if url is None:
+        if not (health.enabled and health.http):
+            raise _fail(ConfigError("the health endpoint is off in this config ([health])"))
+        host = f"[{health.host}]" if ":" in health.host else health.host
+        url = f"http://{host}:{health.port}/health"
+    ok, line = check_health(url, timeout)
+    typer.echo(f"spot: {line}", err=not ok)
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command("version")
