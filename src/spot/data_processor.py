@@ -186,6 +186,7 @@ class ProcessorCounters:
     trades: int = 0
     books: int = 0
     disconnects: int = 0
+    disconnects_by_exchange: Counter[str] = field(default_factory=Counter)  # stream health
     skipped_types: Counter[str] = field(default_factory=Counter)
     invalid: Counter[str] = field(default_factory=Counter)
 
@@ -231,6 +232,7 @@ class DataProcessor:
             self.counters.books += 1
             return NormalizedRow("orderbook", self.tickers(message.symbol), row)
         self.counters.disconnects += 1
+        self.counters.disconnects_by_exchange[message.exchange] += 1
         self.last_disconnect = message
         log.warning(
             "[!] Tardis Machine reports a disconnect from %s at %s (symbols: %s): data has a gap",

@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +29,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from spot.errors import DatabaseUnavailable, RowsRejected, SpillError, SpotError
+from spot.stream_health import LatencyHistogram, unix_us
 from spot.tables import Row, TableLayout, check_book_levels, column_types, layout_for
 
 log = logging.getLogger(__name__)
@@ -263,6 +265,8 @@ class WriterCounters:
     rows_spilled: int = 0
     rows_rejected: int = 0
     rows_lost: int = 0  # could reach neither PostgreSQL nor the spill by the shutdown deadline
+    # spot → PostgreSQL: commit time - received_at of each batch's oldest row (stream_health).
+    commit_lag: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 SpillHandler = Callable[[str, Batch], Awaitable[None]]
@@ -427,6 +431,8 @@ class QueueProcessor:
             log.info("PostgreSQL takes batches for %s again", self.table)
         self._outage = False
         self.counters.batches += 1
+        # After the commit; queues are FIFO, so the first row waited longest (received_at last).
+        self.counters.commit_lag.observe(time.time_ns() // 1000 - unix_us(batch[0][-1]))
         self.counters.rows_inserted += inserted
         self.counters.rows_duplicate += len(batch) - len(rejected) - inserted
         log.info("[✅] Inserted %d rows into %s", inserted, self.table)
