@@ -169,6 +169,11 @@ class TardisMachineSource:
             f" frames={self.frames_received} completed={self.completed}>"
         )
 
+    @property
+    def connected(self) -> bool:
+        """Return whether a connection to Tardis Machine is open now (stream health: `down`)."""
+        return self._ws is not None and not self._ws.closed
+
     def url(self) -> str:
         """Return the URL of the next connection (a resumed replay starts at its resume minute)."""
         options = build_options(
