@@ -254,6 +254,23 @@ async def _merge_into(
     return inserted
 
 
+async def copy_isolating(db: PostgreSQLDatabase, table: str, rows: Batch) -> tuple[int, Batch]:
+    """Write `rows`; return (rows inserted, rows PostgreSQL refused).
+
+    A refused batch is split in halves until the bad rows are alone: they never cost good rows.
+    """
+    try:
+        return await db.copy_rows(table, rows), []
+    except RowsRejected as exc:
+        if len(rows) == 1:
+            log.warning("Rejected a row of %s: %s", table, exc)
+            return 0, rows
+    middle = len(rows) // 2
+    first, first_rejected = await copy_isolating(db, table, rows[:middle])
+    second, second_rejected = await copy_isolating(db, table, rows[middle:])
+    return first + second, first_rejected + second_rejected
+
+
 @dataclass
 class WriterCounters:
     """What one QueueProcessor did."""
@@ -356,7 +373,7 @@ class QueueProcessor:
 
     async def _attempt(self, batch: Batch) -> tuple[int, Batch] | None:
         """Return (inserted, rejected rows), or None when the deadline came first."""
-        attempt = asyncio.ensure_future(self._copy_isolating(batch))
+        attempt = asyncio.ensure_future(copy_isolating(self.db, self.table, batch))
         deadline = asyncio.ensure_future(self._give_up.wait())
         try:
             await asyncio.wait((attempt, deadline), return_when=asyncio.FIRST_COMPLETED)
@@ -374,19 +391,6 @@ class QueueProcessor:
         self._orphans.discard(attempt)
         if not attempt.cancelled() and attempt.exception() is not None:
             log.debug("Write of %s abandoned at the deadline failed: %s", self.table, attempt)
-
-    async def _copy_isolating(self, rows: Batch) -> tuple[int, Batch]:
-        """Write `rows`; when PostgreSQL refuses them, split to find and return the bad ones."""
-        try:
-            return await self.db.copy_rows(self.table, rows), []
-        except RowsRejected as exc:
-            if len(rows) == 1:
-                log.warning("Rejected a row of %s: %s", self.table, exc)
-                return 0, rows
-        middle = len(rows) // 2
-        first, first_rejected = await self._copy_isolating(rows[:middle])
-        second, second_rejected = await self._copy_isolating(rows[middle:])
-        return first + second, first_rejected + second_rejected
 
     async def _pause(self, secs: float) -> None:
         # Sleeps like asyncio.sleep, but the shutdown deadline cuts it short.
