@@ -55,6 +55,8 @@ def decode(data: bytes | str) -> Message:
         raise _classify(data, exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidMessage("not_json", str(exc)) from None
+    except UnicodeDecodeError as exc:  # bytes frames: msgspec checks UTF-8 inside strings
+        raise InvalidMessage("not_utf8", str(exc)) from None
     if isinstance(message, BookSnapshot) and not message.name.startswith("book_snapshot_"):
         # A `quote` data type arrives as a depth-1 book_snapshot named "quote".
         raise SkippedType(Envelope(message.name, message.exchange, message.symbol))
@@ -64,7 +66,7 @@ def decode(data: bytes | str) -> Message:
 def _classify(data: bytes | str, error: msgspec.ValidationError) -> Exception:
     try:
         envelope = _envelope_decoder.decode(data)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         return InvalidMessage("wrong_shape", str(error))
     if envelope.type and envelope.type not in KNOWN_TYPES:
         return SkippedType(envelope)

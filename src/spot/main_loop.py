@@ -3,6 +3,12 @@
 Read top to bottom, `run` is the pipeline. Shutdown order (SIGINT/SIGTERM, replay complete, or a
 fatal source error): stop reading → close the queues → every writer drains its queue into
 PostgreSQL → close the pool. A source error is raised only after everything it delivered is stored.
+
+Delivery: every row accepted from the source ends in PostgreSQL once, or in fallback storage (the
+spill) until it is recovered. Writers retry; a batch PostgreSQL does not take within
+`fallback.spill_after_secs` is spilled, and so is everything still unwritten `shutdown_timeout_secs`
+after the input ends (or a signal came). Spills are re-ingested in the background once PostgreSQL
+answers, once more at shutdown, and by `spot recover`.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from spot.config import Settings
 from spot.data_processor import DataProcessor, ProcessorCounters
 from spot.db_writer import PostgreSQLDatabase, QueueProcessor, WriterCounters
 from spot.embedded_database import EmbeddedPostgres
+from spot.errors import DatabaseUnavailable
+from spot.fallback_storage import FallbackStorage, SpillBuffer, open_fallback
 from spot.file_replay import FileReplaySource
+from spot.gaps import DisconnectGaps, GapRecorder
 from spot.http_replay import HttpReplaySource
 from spot.messages import Frame
-from spot.queue_manager import QueueManager
+from spot.queue_manager import Batch, QueueManager
+from spot.recovery import Recoverer, RecoveryCounters, columns_of
 from spot.tables import table_name
 from spot.tickers import TickerNormalizer
 from spot.websocket import TardisMachineSource
@@ -47,10 +57,27 @@ class RunSummary:
     stopped_by_signal: bool = False
     processor: ProcessorCounters = field(default_factory=ProcessorCounters)
     writers: dict[str, WriterCounters] = field(default_factory=dict)
+    rows_overflowed: int = 0  # stream mode: spilled from full queues, not through a writer
+    rows_overflow_lost: int = 0
+    recovery: RecoveryCounters = field(default_factory=RecoveryCounters)
+    spills_left: bool = False  # spills still wait for PostgreSQL after this run
+    gaps: int = 0
 
     @property
     def rows_inserted(self) -> int:
         return sum(counters.rows_inserted for counters in self.writers.values())
+
+    @property
+    def rows_spilled(self) -> int:
+        """Rows written to fallback storage (some may have been recovered since)."""
+        spilled = sum(counters.rows_spilled for counters in self.writers.values())
+        return spilled + self.rows_overflowed
+
+    @property
+    def rows_lost(self) -> int:
+        """Rows that reached neither PostgreSQL nor the spill (both failed at the deadline)."""
+        lost = sum(counters.rows_lost for counters in self.writers.values())
+        return lost + self.rows_overflow_lost
 
 
 def data_types(settings: Settings) -> list[str]:
@@ -82,6 +109,8 @@ async def run(
             settings.book.orderbook_levels,
             pool_size=settings.database.pool_size,
             connect_timeout_secs=settings.database.connect_timeout_secs,
+            # With a spill to fall back on, an outage at start is just an outage.
+            require_connection=not settings.fallback.enabled,
         )
         async with db:
             pipeline = Pipeline(settings, db, source or tardis_source(settings))
@@ -135,15 +164,40 @@ class Pipeline:
         self.processor = DataProcessor(
             settings.book.orderbook_levels, TickerNormalizer(settings.ticker_overrides)
         )
+        self.fallback: FallbackStorage | None = None
+        self.overflow: SpillBuffer | None = None
+        self.recoverer: Recoverer | None = None
+        if settings.fallback.enabled:
+            self.fallback = open_fallback(settings.fallback)
+            self.overflow = SpillBuffer(
+                self.fallback,
+                self._columns,
+                max_rows=settings.fallback.buffer_rows,
+                max_age_secs=settings.fallback.buffer_secs,
+            )
+            self.recoverer = Recoverer(
+                db,
+                self.fallback,
+                settings.book.orderbook_levels,
+                settings.fallback.recover_interval_secs,
+            )
         self.queues = QueueManager(
             settings.queue.capacity,
             settings.tardis.mode,
             stream_put_timeout_secs=settings.queue.stream_put_timeout_secs,
             on_new_queue=self._start_writer,
+            on_overflow=self.overflow.add if self.overflow else None,
         )
+        self.gaps = GapRecorder(db, self.fallback)
+        if isinstance(source, TardisMachineSource) and source.on_gap is None:
+            source.on_gap = self.gaps.on_source_gap
         self.writers: dict[str, QueueProcessor] = {}
+        self._writer_tasks: dict[str, asyncio.Task[None]] = {}
         self._task_group: asyncio.TaskGroup | None = None
         self._pending_tables: list[str] = []
+        self._deadline_at: float | None = None
+        self._deadline_task: asyncio.Task[None] | None = None
+        self._spilling_all = False
         self.summary = RunSummary()
 
     def __repr__(self) -> str:
@@ -152,10 +206,16 @@ class Pipeline:
     async def create_configured_tables(self) -> None:
         """Create (and check) the tables of every configured symbol before reading anything."""
         tickers = self.processor.tickers
-        for exchange in self.settings.exchanges:
-            for symbol in exchange.symbols:
-                await self.db.ensure_table(table_name("orderbook", tickers(symbol)))
-                await self.db.ensure_table(table_name("trade", tickers(symbol)))
+        try:
+            for exchange in self.settings.exchanges:
+                for symbol in exchange.symbols:
+                    await self.db.ensure_table(table_name("orderbook", tickers(symbol)))
+                    await self.db.ensure_table(table_name("trade", tickers(symbol)))
+        except DatabaseUnavailable:
+            if self.fallback is None:
+                raise
+            # Each table is created by its first write, whenever PostgreSQL is back.
+            log.warning("[!] PostgreSQL is unavailable: spilling to %s", self.fallback.url)
 
     async def run(self) -> RunSummary:
         """Read until the source ends, then drain every queue; re-raise a source error after."""
@@ -164,39 +224,118 @@ class Pipeline:
             self._task_group = task_group
             for table in self._pending_tables:
                 self._start_writer(table)
+            helpers = self._start_helpers(task_group)
+            sink = DisconnectGaps(self.processor, self.queues, self.gaps.record)
             try:
-                await self.processor.run(self.source.frames(), self.queues)
+                await self.processor.run(self.source.frames(), sink)
                 self.summary.completed = not self.summary.stopped_by_signal
             except Exception as exc:  # stored rows first, then the error
                 source_error = exc
                 log.error("Source failed: %s; storing what was received before stopping", exc)
+            sink.close()
+            self._start_deadline()
             await self.queues.close()
+            await self._drain(helpers)
         self._summarize()
         if source_error is not None:
             raise source_error
         return self.summary
 
     async def stop(self) -> None:
-        """Stop reading; what was read is still written."""
+        """Stop reading; what was read is still written (or spilled by the deadline)."""
         self.summary.stopped_by_signal = True
+        self._start_deadline()
         await self.source.stop()
+
+    def _start_helpers(self, task_group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        helpers = [task_group.create_task(self.gaps.run(), name="gaps")]
+        if self.overflow is not None:
+            helpers.append(task_group.create_task(self.overflow.run(), name="overflow spill"))
+        if self.recoverer is not None:
+            helpers.append(task_group.create_task(self.recoverer.run(), name="spill recovery"))
+        return helpers
+
+    def _start_deadline(self) -> None:
+        if self._deadline_task is not None or self._task_group is None:
+            return
+        self._deadline_at = asyncio.get_running_loop().time() + self.settings.shutdown_timeout_secs
+        self._deadline_task = self._task_group.create_task(
+            self._spill_at_deadline(), name="shutdown deadline"
+        )
+
+    async def _spill_at_deadline(self) -> None:
+        await asyncio.sleep(self.settings.shutdown_timeout_secs)
+        self._spilling_all = True
+        busy = [table for table, task in self._writer_tasks.items() if not task.done()]
+        if busy:
+            log.warning(
+                "[!] PostgreSQL took not everything within %.0fs: spilling the rest of %s",
+                self.settings.shutdown_timeout_secs,
+                ", ".join(busy),
+            )
+        for writer in self.writers.values():
+            writer.spill_now()
+
+    async def _drain(self, helpers: list[asyncio.Task[None]]) -> None:
+        """Wait for the writers (the deadline bounds them), then flush the spill and recover."""
+        while not all(task.done() for task in self._writer_tasks.values()):
+            await asyncio.wait(list(self._writer_tasks.values()))  # a writer may start meanwhile
+        self.gaps.close()
+        if self.overflow is not None:
+            self.overflow.close()
+        if self.recoverer is not None:
+            self.recoverer.stop()
+        await asyncio.wait(helpers)
+        await self.gaps.finish()
+        if self.recoverer is not None:
+            remaining = (self._deadline_at or 0.0) - asyncio.get_running_loop().time()
+            self.summary.spills_left = not await self.recoverer.finish(max(remaining, 0.0))
+        if self._deadline_task is not None:
+            self._deadline_task.cancel()
+
+    def _columns(self, table: str) -> tuple[tuple[str, str], ...]:
+        return columns_of(table, self.settings.book.orderbook_levels)
+
+    async def _spill(self, table: str, rows: Batch) -> None:
+        assert self.fallback is not None
+        await self.fallback.write(
+            table, self._columns(table), rows, reason="PostgreSQL unavailable"
+        )
+
+    async def _reject(self, table: str, rows: Batch, reason: str) -> None:
+        assert self.fallback is not None
+        await self.fallback.write(table, self._columns(table), rows, area="rejected", reason=reason)
 
     def _start_writer(self, table: str) -> None:
         if self._task_group is None:
             self._pending_tables.append(table)
             return
         queue = self.settings.queue
+        fallback = self.fallback is not None
         writer = QueueProcessor(
             self.db,
             table,
             self.queues.batches(table, queue.batch_size, queue.flush_interval_secs),
+            spill_after_secs=self.settings.fallback.spill_after_secs,
+            spill=self._spill if fallback else None,
+            reject=self._reject if fallback else None,
         )
+        if self._spilling_all:
+            writer.spill_now()
         self.writers[table] = writer
-        self._task_group.create_task(writer.run(), name=f"writer {table}")
+        task = self._task_group.create_task(writer.run(), name=f"writer {table}")
+        self._writer_tasks[table] = task
 
     def _summarize(self) -> None:
-        self.summary.processor = self.processor.counters
-        self.summary.writers = {table: w.counters for table, w in self.writers.items()}
+        summary = self.summary
+        summary.processor = self.processor.counters
+        summary.writers = {table: w.counters for table, w in self.writers.items()}
+        if self.overflow is not None:
+            summary.rows_overflowed = self.overflow.rows_spilled
+            summary.rows_overflow_lost = self.overflow.rows_lost
+        if self.recoverer is not None:
+            summary.recovery = self.recoverer.counters
+        summary.gaps = self.gaps.recorded
         counters = self.processor.counters
         log.info(
             "Run finished: %d frames, %d trades, %d book snapshots, %d rows inserted, "
@@ -204,10 +343,25 @@ class Pipeline:
             counters.frames,
             counters.trades,
             counters.books,
-            self.summary.rows_inserted,
+            summary.rows_inserted,
             counters.disconnects,
             dict(counters.skipped_types) or "none",
             dict(counters.invalid) or "none",
+        )
+        self._log_delivery()
+
+    def _log_delivery(self) -> None:
+        summary = self.summary
+        rejected = sum(w.rows_rejected for w in summary.writers.values())
+        log.info(
+            "Delivery: %d rows spilled, %d recovered from spills, %d rejected by PostgreSQL, "
+            "%d lost, %d gaps; spills left: %s",
+            summary.rows_spilled,
+            summary.recovery.rows_inserted + summary.recovery.rows_duplicate,
+            rejected,
+            summary.rows_lost,
+            summary.gaps,
+            f"yes, at {self.fallback.url}" if summary.spills_left and self.fallback else "none",
         )
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -32,6 +33,8 @@ STREAM_PATH = "/ws-stream-normalized"
 CLOSE_NORMAL = 1000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _LOCAL_TS_KEY = '"localTimestamp":"'
+_LOCAL_TS_KEY_BYTES = _LOCAL_TS_KEY.encode()
+_WebSocket = aiohttp.ClientWebSocketResponse[Literal[False]]  # text frames kept as bytes
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,14 @@ def source_url(base_url: str, mode: str, options: list[dict[str, object]]) -> st
 
 def local_timestamp_of(data: str | bytes) -> str | None:
     """Return the raw `localTimestamp` string of a frame without decoding it (None if absent)."""
-    text = data.decode(errors="replace") if isinstance(data, bytes) else data
+    if isinstance(data, bytes):
+        start = data.find(_LOCAL_TS_KEY_BYTES)
+        if start < 0:
+            return None
+        start += len(_LOCAL_TS_KEY_BYTES)
+        end = data.find(b'"', start)
+        return data[start:end].decode(errors="replace") if end > 0 else None
+    text = data
     start = text.find(_LOCAL_TS_KEY)
     if start < 0:
         return None
@@ -152,13 +162,14 @@ class TardisMachineSource:
         self.tardis = tardis
         self.exchanges = tuple(exchanges)
         self.data_types = tuple(data_types)
-        self._on_gap = on_gap
+        self.on_gap = on_gap
         self._resume = ResumePoint()
         self._stopping = False
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: _WebSocket | None = None
         self.connects = 0
         self.frames_received = 0
         self.frames_skipped_on_resume = 0
+        self.oversized_frames = 0
         self.completed = False
         self._close_message: aiohttp.WSMessage | None = None
         self._last_frame_at: datetime | None = None
@@ -197,8 +208,10 @@ class TardisMachineSource:
                 dropped_at = datetime.now(UTC)
                 reason = "connection failed"
                 try:
+                    # Text frames stay bytes: the decoder checks UTF-8 and counts a bad frame,
+                    # where aiohttp would drop the whole connection over it (close 1007).
                     async with session.ws_connect(
-                        self.url(), max_msg_size=MAX_FRAME_BYTES, autoping=True
+                        self.url(), max_msg_size=MAX_FRAME_BYTES, autoping=True, decode_text=False
                     ) as ws:
                         self._ws = ws
                         self._on_connected(dropped_at if self.connects else None)
@@ -228,18 +241,18 @@ class TardisMachineSource:
             self.tardis.mode,
             self.connects,
         )
-        if dropped_at is not None and self.tardis.mode == "stream" and self._on_gap is not None:
+        if dropped_at is not None and self.tardis.mode == "stream" and self.on_gap is not None:
             exchanges = tuple(exchange.name for exchange in self.exchanges)
             start = self._last_frame_at or dropped_at
-            self._on_gap(Gap(exchanges, start, datetime.now(UTC), "reconnect"))
+            self.on_gap(Gap(exchanges, start, datetime.now(UTC), "reconnect"))
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> AsyncIterator[Frame]:
+    async def _read(self, ws: _WebSocket) -> AsyncIterator[Frame]:
         replay = self.tardis.mode == "replay"
         seen_before = self._resume.skipper() if replay else None
         while True:
             message = await ws.receive()
             if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                self._close_message = message
+                self._close_message = cast(aiohttp.WSMessage, message)  # close or error, not text
                 return
             received_ns = time.time_ns()
             data = message.data
@@ -251,7 +264,7 @@ class TardisMachineSource:
             self.frames_received += 1
             yield Frame(data, received_ns)
 
-    def _after_close(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+    def _after_close(self, ws: _WebSocket) -> str:
         """Decide what a closed connection means; return the reason to reconnect."""
         self._last_frame_at = datetime.now(UTC)
         message = self._close_message
@@ -270,7 +283,12 @@ class TardisMachineSource:
             if self.tardis.mode == "replay":
                 raise ServerClosedWithError(code, reason)
         if message is not None and message.type == aiohttp.WSMsgType.ERROR:
-            return f"error: {ws.exception()}"
+            error = ws.exception()
+            if getattr(error, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                # The frame cannot be read, so it cannot be skipped: a replay meets it again.
+                self.oversized_frames += 1
+                log.error("Frame over %d bytes refused (%s)", MAX_FRAME_BYTES, error)
+            return f"error: {error}"
         return f"closed with code {code}" + (f": {reason}" if reason else "")
 
     def _check_give_up(self, failures: int, reason: str) -> None:
