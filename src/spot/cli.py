@@ -1,4 +1,4 @@
-"""The `spot` command: run, replay, serve, demo, report, check.
+"""The `spot` command: run, replay, recover, serve, demo, report, check.
 
 The only module that configures logging or prints.
 """
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from spot.db_writer import PostgreSQLDatabase
     from spot.file_replay import FileReplaySource
     from spot.main_loop import Pipeline, RunSummary
+    from spot.recovery import RecoveryCounters
     from spot.report import Report
 
 app = typer.Typer(
@@ -267,6 +268,35 @@ def report_command(
             typer.echo(f"\nWrote {png}")
     except SpotError as exc:
         raise _fail(exc) from None
+
+
+@app.command("recover")
+def recover_command(config: ConfigOption = None, log_level: LogLevel = "INFO") -> None:
+    """Store spilled batches in PostgreSQL, removing each once committed; safe to run again."""
+    import os
+
+    from spot.fallback_storage import open_fallback
+    from spot.recovery import recover_spills
+
+    _configure_logging(log_level)
+
+    async def recover() -> tuple[RecoveryCounters, int, str]:
+        settings = load_settings(config, os.environ)
+        storage = open_fallback(settings.fallback)
+        async with _database(settings) as db:
+            counters = await recover_spills(db, storage, settings.book.orderbook_levels)
+        return counters, len(await storage.pending()), storage.url
+
+    try:
+        counters, left, url = asyncio.run(recover())
+    except SpotError as exc:
+        raise _fail(exc) from None
+    typer.echo(
+        f"spot recover: {counters.files} spills stored from {url}: {counters.rows_inserted} rows "
+        f"inserted, {counters.rows_duplicate} already stored, {counters.rows_rejected} rejected; "
+        f"{left} spills left"
+    )
+    raise typer.Exit(1 if left else 0)
 
 
 @app.command("check")
