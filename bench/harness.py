@@ -184,9 +184,10 @@ class _Bench:
         server_args = [kind, str(messages)] + (["--rate", str(rate)] if rate else [])
         with _blast_server(server_args) as (url, sent):
             result = _child(["bench.spot_worker", url, self.schema_dsn, *extra])
+            first_byte_ns = sent()["started_ns"]
         if not result["completed"] or result["rows"] != messages:
             raise RuntimeError(f"spot stored {result['rows']} of {messages} rows: {result}")
-        seconds = (result["ended_ns"] - sent()["started_ns"]) / 1e9
+        seconds = (result["ended_ns"] - first_byte_ns) / 1e9
         result["seconds"] = seconds
         result["rows_per_sec"] = result["rows"] / seconds
         result["cpu_share"] = result["cpu_seconds"] / seconds
@@ -324,6 +325,8 @@ def _blast_server(args: list[str]) -> Iterator[tuple[str, Callable[[], dict[str,
     finally:
         process.terminate()
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 async def _read_all(url: str) -> None:
