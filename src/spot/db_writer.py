@@ -320,6 +320,8 @@ class QueueProcessor:
         self._reject = reject
         self._give_up = asyncio.Event()
         self._outage = False
+        self._outage_delay = retry_initial_secs
+        self._next_try_at = 0.0
         self._orphans: set[asyncio.Task[tuple[int, Batch]]] = set()
         self.counters = WriterCounters()
 
@@ -346,15 +348,10 @@ class QueueProcessor:
         started = loop.time()
         delay = self.retry_initial_secs
         while True:
-            cause: SpotError | None = None
-            if not self._give_up.is_set():
-                try:
-                    outcome = await self._attempt(batch)
-                except DatabaseUnavailable as exc:
-                    outcome, cause = None, exc
-                if outcome is not None:
-                    await self._count_written(batch, *outcome)
-                    return
+            outcome, cause = await self._try(batch, loop.time())
+            if outcome is not None:
+                await self._count_written(batch, *outcome)
+                return
             if self._should_spill(loop.time() - started) and await self._spill_batch(batch, cause):
                 return
             if self._give_up.is_set() and self._spill is None:
@@ -370,6 +367,23 @@ class QueueProcessor:
             )
             await self._pause(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self.retry_max_secs)
+
+    async def _try(
+        self, batch: Batch, now: float
+    ) -> tuple[tuple[int, Batch] | None, SpotError | None]:
+        """Return (outcome, None), or (None, why not) when the batch was not written."""
+        if self._give_up.is_set():
+            return None, None
+        if self._outage and now < self._next_try_at:
+            # During an outage only one try per backoff step: the others spill at once.
+            return None, DatabaseUnavailable("PostgreSQL was unavailable moments ago")
+        try:
+            return await self._attempt(batch), None
+        except DatabaseUnavailable as exc:
+            if self._outage:
+                self._outage_delay = min(self._outage_delay * 2, self.retry_max_secs)
+                self._next_try_at = now + self._outage_delay
+            return None, exc
 
     async def _attempt(self, batch: Batch) -> tuple[int, Batch] | None:
         """Return (inserted, rejected rows), or None when the deadline came first."""
@@ -414,7 +428,10 @@ class QueueProcessor:
                 self._count_lost(batch, str(exc))
                 return True
             return False
-        self._outage = cause is not None
+        if cause is not None and not self._outage:
+            self._outage = True
+            self._outage_delay = self.retry_initial_secs
+            self._next_try_at = asyncio.get_running_loop().time() + self._outage_delay
         self.counters.rows_spilled += len(batch)
         log.warning(
             "[⚠] Spilled %d rows for %s to fallback storage (%s)",
@@ -434,6 +451,7 @@ class QueueProcessor:
         if self._outage:
             log.info("PostgreSQL takes batches for %s again", self.table)
         self._outage = False
+        self._outage_delay = self.retry_initial_secs
         self.counters.batches += 1
         # After the commit; queues are FIFO, so the first row waited longest (received_at last).
         self.counters.commit_lag.observe(time.time_ns() // 1000 - unix_us(batch[0][-1]))
