@@ -61,7 +61,10 @@ def _fail(exc: SpotError) -> typer.Exit:
 
 @app.command("run")
 def run_command(config: ConfigOption = None, log_level: LogLevel = "INFO") -> None:
-    """Ingest from Tardis Machine as the config says; SIGINT/SIGTERM drain and stop."""
+    """Ingest from Tardis Machine as the config says; SIGINT/SIGTERM drain and stop.
+
+    In stream mode, SIGHUP or a change of the config file refreshes the symbols without a restart.
+    """
     import os
 
     from spot.main_loop import run
@@ -69,7 +72,7 @@ def run_command(config: ConfigOption = None, log_level: LogLevel = "INFO") -> No
     _configure_logging(log_level)
     try:
         settings = load_settings(config, os.environ)
-        asyncio.run(run(settings, handle_signals=True))
+        asyncio.run(run(settings, handle_signals=True, config_path=config))
     except SpotError as exc:
         raise _fail(exc) from None
 
@@ -107,6 +110,11 @@ def replay_command(
         summary, error = asyncio.run(_replay(settings, source, console))
     except SpotError as exc:
         raise _fail(exc) from None
+    except ExceptionGroup as group:  # a writer's error (SchemaMismatch) leaves the TaskGroup so
+        spot_errors = group.subgroup(SpotError)
+        if spot_errors is None:
+            raise
+        raise _fail(_first_leaf(spot_errors)) from None
     if summary is not None:
         for line in summary_lines(summary.writers, summary.processor, source.reports):
             typer.echo(line)
@@ -119,6 +127,11 @@ def replay_command(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _first_leaf(group: BaseExceptionGroup[SpotError]) -> SpotError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _configure_replay_logging(level: str) -> Console:

@@ -16,27 +16,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from spot.config import Settings
+from spot.config import Settings, load_settings
 from spot.data_processor import DataProcessor, ProcessorCounters
 from spot.db_writer import PostgreSQLDatabase, QueueProcessor, WriterCounters
 from spot.embedded_database import EmbeddedPostgres
-from spot.errors import DatabaseUnavailable
+from spot.errors import ConfigError, DatabaseUnavailable
 from spot.fallback_storage import FallbackStorage, SpillBuffer, open_fallback
 from spot.file_replay import FileReplaySource
 from spot.gaps import DisconnectGaps, GapRecorder
+from spot.health import HealthServer
 from spot.http_replay import HttpReplaySource
 from spot.messages import Frame
 from spot.queue_manager import Batch, QueueManager
 from spot.recovery import Recoverer, RecoveryCounters, columns_of
-from spot.tables import table_name
+from spot.stream_health import HealthSnapshot, PipelineView, StreamHealth, TableStatus
+from spot.symbol_refresh import ConfigWatcher, Handover, RefreshPlan, plan_refresh
+from spot.tables import Kind, Row, table_name
 from spot.tickers import TickerNormalizer
-from spot.websocket import TardisMachineSource
+from spot.websocket import Gap, TardisMachineSource
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,18 @@ class RunSummary:
         return lost + self.rows_overflow_lost
 
 
+@dataclass
+class Subscription:
+    """One source with its own processor: derived trade ids are per-stream state."""
+
+    settings: Settings
+    source: Source
+    processor: DataProcessor
+    accept: Callable[[Kind, Row], bool] | None = None  # set while a refresh hands symbols over
+    error: Exception | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 def data_types(settings: Settings) -> list[str]:
     """Return the Tardis Machine data types spot asks for."""
     return ["trade", settings.book.data_type]
@@ -98,10 +115,12 @@ async def run(
     *,
     handle_signals: bool = False,
     prepare: Callable[[Pipeline], None] | None = None,
+    config_path: Path | None = None,
 ) -> RunSummary:
     """Run the pipeline until the source ends or a signal stops it; return what happened.
 
     `prepare` sees the wired pipeline before it starts (file replay attaches its rows there).
+    With `config_path`, a stream follows changes of its symbols (SIGHUP, or the file changing).
     """
     async with _database_url(settings) as url:
         db = PostgreSQLDatabase(
@@ -116,9 +135,32 @@ async def run(
             pipeline = Pipeline(settings, db, source or tardis_source(settings))
             if prepare is not None:
                 prepare(pipeline)
+            if config_path is not None:
+                pipeline.watch_config(config_path, sighup=handle_signals)
             await pipeline.create_configured_tables()
-            with _signals_stop(pipeline, enabled=handle_signals):
-                return await pipeline.run()
+            async with _health_endpoint(pipeline):
+                with _signals_stop(pipeline, enabled=handle_signals):
+                    return await pipeline.run()
+
+
+@contextlib.asynccontextmanager
+async def _health_endpoint(pipeline: Pipeline) -> AsyncIterator[HealthServer | None]:
+    """Serve /metrics, /health and / while the pipeline runs (and drains)."""
+    config = pipeline.settings.health
+    if pipeline.monitor is None or not config.http:
+        yield None
+        return
+    server = HealthServer(config, pipeline.health_snapshot)
+    try:
+        await server.start()
+    except OSError as exc:  # ingesting matters more than being watched
+        log.error("[✗] Health endpoint not started on %s:%d: %s", config.host, config.port, exc)
+        yield None
+        return
+    try:
+        yield server
+    finally:
+        await server.aclose()
 
 
 async def run_files(
@@ -189,8 +231,17 @@ class Pipeline:
             on_overflow=self.overflow.add if self.overflow else None,
         )
         self.gaps = GapRecorder(db, self.fallback)
-        if isinstance(source, TardisMachineSource) and source.on_gap is None:
-            source.on_gap = self.gaps.on_source_gap
+        self.monitor: StreamHealth | None = None
+        if settings.health.enabled:
+            names = [exchange.name for exchange in settings.exchanges]
+            self.monitor = StreamHealth(settings.health, settings.tardis.mode, names)
+        self._wire(source)
+        self.current = Subscription(settings, source, self.processor)
+        self.subscriptions = [self.current]
+        self.watcher: ConfigWatcher | None = None
+        self._sighup = False
+        self._refreshing = asyncio.Lock()
+        self._stopping = False
         self.writers: dict[str, QueueProcessor] = {}
         self._writer_tasks: dict[str, asyncio.Task[None]] = {}
         self._task_group: asyncio.TaskGroup | None = None
@@ -225,14 +276,13 @@ class Pipeline:
             for table in self._pending_tables:
                 self._start_writer(table)
             helpers = self._start_helpers(task_group)
-            sink = DisconnectGaps(self.processor, self.queues, self.gaps.record)
-            try:
-                await self.processor.run(self.source.frames(), sink)
+            source_error = await self._read()
+            if source_error is None:
                 self.summary.completed = not self.summary.stopped_by_signal
-            except Exception as exc:  # stored rows first, then the error
-                source_error = exc
-                log.error("Source failed: %s; storing what was received before stopping", exc)
-            sink.close()
+            else:  # stored rows first, then the error
+                log.error(
+                    "Source failed: %s; storing what was received before stopping", source_error
+                )
             self._start_deadline()
             await self.queues.close()
             await self._drain(helpers)
@@ -244,8 +294,213 @@ class Pipeline:
     async def stop(self) -> None:
         """Stop reading; what was read is still written (or spilled by the deadline)."""
         self.summary.stopped_by_signal = True
+        self._stopping = True
         self._start_deadline()
-        await self.source.stop()
+        for subscription in self.subscriptions:
+            await subscription.source.stop()
+
+    # Reading: one subscription at a time, two while a refresh hands symbols over.
+
+    def _wire(self, source: Source) -> None:
+        if isinstance(source, TardisMachineSource) and source.on_gap is None:
+            source.on_gap = self._on_source_gap
+
+    def _on_source_gap(self, gap: Gap) -> None:
+        self.gaps.on_source_gap(gap)
+        if self.monitor is not None:
+            self.monitor.record_gap(gap.exchanges, (gap.end - gap.start).total_seconds())
+
+    async def _read(self) -> Exception | None:
+        """Read until the current subscription ends (a refresh replaces it); return its error."""
+        assert self._task_group is not None
+        operations = []
+        if self.monitor is not None:
+            watch = self.monitor.run_watch(self._watch_view)
+            operations.append(self._task_group.create_task(watch, name="stream health"))
+        if self.watcher is not None:
+            operations.append(self._task_group.create_task(self.watcher.run(), name="config"))
+        self._start_reading(self.current)
+        sighup = self.watcher.on_sighup() if self.watcher and self._sighup else None
+        with sighup or contextlib.nullcontext():
+            while True:
+                subscription = self.current
+                await subscription.done.wait()
+                if subscription is self.current:
+                    break
+        self._stopping = True
+        for task in operations:
+            task.cancel()
+        for other in self.subscriptions:
+            if not other.done.is_set():
+                await other.source.stop()
+                await other.done.wait()
+        return self.current.error
+
+    def _start_reading(self, subscription: Subscription) -> None:
+        assert self._task_group is not None
+        self._task_group.create_task(self._read_subscription(subscription), name="reader")
+
+    async def _read_subscription(self, subscription: Subscription) -> None:
+        processor, accept_of = subscription.processor, subscription
+        observe = self.monitor.observe if self.monitor is not None else None
+        sink = DisconnectGaps(processor, self.queues, self.gaps.record)
+        try:
+            async for frame in subscription.source.frames():
+                normalized = processor.process(frame)
+                if normalized is None:
+                    continue
+                kind, row = normalized.kind, normalized.row
+                if observe is not None:
+                    observe(kind, row, frame.received_ns)
+                if accept_of.accept is not None and not accept_of.accept(kind, row):
+                    continue
+                await sink.put(kind, normalized.ticker, row)
+        except Exception as exc:  # the pipeline raises it after storing what came before
+            subscription.error = exc
+        finally:
+            sink.close()
+            subscription.done.set()
+
+    # Symbol refresh (stream mode): a new subscription, a handover, the old one stopped.
+
+    def watch_config(self, path: Path, *, sighup: bool) -> None:
+        """Refresh the symbols when `path` changes (polled) and, with `sighup`, on SIGHUP."""
+        refresh = self.settings.refresh
+        self.watcher = ConfigWatcher(
+            path,
+            lambda: load_settings(path, os.environ),
+            self.refresh,
+            poll_secs=refresh.poll_secs if refresh.watch_config else None,
+        )
+        self._sighup = sighup
+
+    async def refresh(self, loaded: Settings) -> bool:
+        """Switch to `loaded`'s exchanges and symbols; return False when nothing changed.
+
+        Raises ConfigError when the change cannot be made live; the running set goes on.
+        """
+        if self.settings.tardis.mode != "stream":
+            raise ConfigError(
+                "symbol refresh works in stream mode only: a replay keeps its symbols"
+            )
+        async with self._refreshing:
+            plan = plan_refresh(self.current.settings, loaded)
+            if plan is None or self._stopping:
+                log.info("[↻] Config read again: no change to exchanges, symbols or the source")
+                return False
+            if plan.needs_restart:
+                log.warning("[↻] Not applied until a restart: %s", ", ".join(plan.needs_restart))
+            started = time.monotonic()
+            await self._switch(plan)
+            log.info(
+                "[↻] Symbols refreshed in %.1fs: added %s, removed %s, %d kept without a gap",
+                time.monotonic() - started,
+                _symbols_text(plan.added),
+                _symbols_text(plan.removed),
+                len(plan.kept),
+            )
+            return True
+
+    async def _switch(self, plan: RefreshPlan) -> None:
+        settings = plan.settings
+        processor = DataProcessor(
+            settings.book.orderbook_levels, TickerNormalizer(settings.ticker_overrides)
+        )
+        processor.counters = self.processor.counters  # one set of totals across subscriptions
+        await self._create_tables(processor, plan)
+        handover = Handover(plan.kept)
+        old = self.current
+        new = Subscription(settings, tardis_source(settings), processor, handover.accept_new)
+        self._wire(new.source)
+        old.accept = handover.accept_old
+        self.subscriptions.append(new)
+        if self.monitor is not None:
+            self.monitor.watch(exchange.name for exchange in settings.exchanges)
+        self._start_reading(new)
+        timeout = self.settings.refresh.handover_timeout_secs
+        if not await handover.wait(timeout) and not handover.new_live:
+            await new.source.stop()
+            old.accept = None
+            raise ConfigError(f"the new subscription sent nothing in {timeout:.0f}s")
+        if handover.pending():
+            log.warning(
+                "[↻] Not handed over in %.0fs, a gap is possible: %s", timeout, handover.pending()
+            )
+        handover.closing = True
+        self.current = new
+        await old.source.stop()
+        await old.done.wait()  # its rows are queued: the writers store them
+        new.accept = None
+        self.settings = settings
+        if self.monitor is not None:
+            current = {exchange.name for exchange in settings.exchanges}
+            self.monitor.unwatch(name for name, _ in plan.removed if name not in current)
+
+    async def _create_tables(self, processor: DataProcessor, plan: RefreshPlan) -> None:
+        try:
+            for _, symbol in sorted(plan.added):
+                ticker = processor.tickers(symbol)
+                await self.db.ensure_table(table_name("orderbook", ticker))
+                await self.db.ensure_table(table_name("trade", ticker))
+        except DatabaseUnavailable as exc:  # each table is also created by its first write
+            log.warning("[↻] Tables of the new symbols not created yet: %s", exc)
+
+    # Health: read the counters that exist, when asked.
+
+    def health_snapshot(self) -> HealthSnapshot:
+        """Return the stream health with the pipeline's counters (for /health and /metrics)."""
+        assert self.monitor is not None, "health is off ([health] enabled = false)"
+        return self.monitor.snapshot(self._pipeline_view())
+
+    def _connected(self) -> frozenset[str]:
+        names: set[str] = set()
+        for subscription in self.subscriptions:
+            source = subscription.source
+            if subscription.done.is_set():
+                continue
+            if not isinstance(source, TardisMachineSource):
+                names.update(self.monitor.exchanges if self.monitor else ())  # files: always there
+            elif source.connected:
+                names.update(exchange.name for exchange in source.exchanges)
+        return frozenset(names)
+
+    def _watch_view(self) -> tuple[frozenset[str], dict[str, int]]:
+        return self._connected(), dict(self.processor.counters.disconnects_by_exchange)
+
+    def _pipeline_view(self) -> PipelineView:
+        counters = self.processor.counters
+        reconnects: dict[str, int] = {}
+        for subscription in self.subscriptions:
+            source = subscription.source
+            if isinstance(source, TardisMachineSource):
+                for exchange in source.exchanges:
+                    reconnects[exchange.name] = reconnects.get(exchange.name, 0) + max(
+                        source.connects - 1, 0
+                    )
+        return PipelineView(
+            connected=self._connected(),
+            reconnects=reconnects,
+            disconnects=dict(counters.disconnects_by_exchange),
+            frames=counters.frames,
+            parse_errors=dict(counters.invalid),
+            skipped_types=dict(counters.skipped_types),
+            rows_overflowed=self.queues.overflowed_rows,
+            config_reloads=dict(self.watcher.reloads) if self.watcher else {},
+            tables=tuple(self._table_status(table) for table in sorted(self.writers)),
+        )
+
+    def _table_status(self, table: str) -> TableStatus:
+        counters = self.writers[table].counters
+        return TableStatus(
+            table=table,
+            queue_depth=self.queues.depth(table),
+            batches=counters.batches,
+            rows_inserted=counters.rows_inserted,
+            rows_duplicate=counters.rows_duplicate,
+            retries=counters.retries,
+            rows_spilled=counters.rows_spilled,
+            commit_lag=counters.commit_lag.view(),
+        )
 
     def _start_helpers(self, task_group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         helpers = [task_group.create_task(self.gaps.run(), name="gaps")]
@@ -363,6 +618,10 @@ class Pipeline:
             summary.gaps,
             f"yes, at {self.fallback.url}" if summary.spills_left and self.fallback else "none",
         )
+
+
+def _symbols_text(symbols: frozenset[tuple[str, str]]) -> str:
+    return ", ".join(f"{exchange}:{symbol}" for exchange, symbol in sorted(symbols)) or "none"
 
 
 @contextlib.contextmanager
