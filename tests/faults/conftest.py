@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import psycopg
@@ -148,3 +149,10 @@ def big_capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Counter
     capture = mixed_capture(57_000)
     path = capture.write(tmp_path_factory.mktemp("capture") / "big.ndjson")
     return path, capture.expected_rows
+
+
+async def wait_until(condition: Callable[[], bool], timeout_secs: float = 60.0) -> None:
+    """Poll `condition` (pipeline counters have no event to wait on); fail after the timeout."""
+    async with asyncio.timeout(timeout_secs):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

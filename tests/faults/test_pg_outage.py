@@ -16,6 +16,7 @@ from tests.faults.conftest import (
     fault_settings,
     spilled_rows,
     table_counts,
+    wait_until,
 )
 from tests.faults.tcp_proxy import TcpProxy
 
@@ -36,11 +37,14 @@ async def _replay_with_outage(
         settings = fault_settings(server.ws_url, proxy.dsn(pg_url), spill_dir, fallback=fallback)
         replay = asyncio.create_task(run(settings, prepare=pipelines.append))
         # Cut once a quarter of the rows is stored: mid-replay, whatever the machine's speed.
-        while sum(w.counters.rows_inserted for p in pipelines for w in p.writers.values()) < (
-            total_rows // 4
-        ):
-            assert not replay.done(), "the replay ended before the outage"
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: (
+                replay.done()
+                or sum(w.counters.rows_inserted for p in pipelines for w in p.writers.values())
+                >= total_rows // 4
+            )
+        )
+        assert not replay.done(), "the replay ended before the outage"
         proxy.cut()
         await asyncio.sleep(OUTAGE_SECS)
         proxy.restore()
