@@ -240,6 +240,7 @@ class FileReplaySource:
 
     async def _replay_file(self, path: Path, report: FileReport) -> AsyncIterator[Frame]:
         bytes_before = self.progress.bytes_done
+        self._received_at = datetime_from_ns(time.time_ns())
         try:
             with contextlib.ExitStack() as open_files:
                 stream, raw = open_files.enter_context(_open_decompressed(path))

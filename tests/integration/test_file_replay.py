@@ -25,7 +25,7 @@ from spot.config import Settings, settings_from_dict
 from spot.errors import BadInputFile, SourceError
 from spot.file_replay import FileReplaySource, book_snapshot_header
 from spot.incremental_book import IncrementalBooks
-from spot.main_loop import RunSummary, run, run_files, tardis_source
+from spot.main_loop import Pipeline, RunSummary, run, run_files, tardis_source
 from spot.serve import ServeOptions, TardisMachineServer
 from tests.conftest import fixture_path
 
@@ -508,3 +508,23 @@ async def test_http_error_status_is_raised_with_the_servers_message(
         backwards = http_settings(server, pg_url, **{"from": "2024-03-02", "to": "2024-03-01"})
         with pytest.raises(SourceError, match=r"answered 500 .*later than \"from\""):
             await asyncio.wait_for(run(backwards), 20)
+
+
+async def test_http_replay_stopped_midway_stores_what_it_read(
+    tmp_path: Path, pg_url: str, pg: PG
+) -> None:
+    capture = write(tmp_path / "capture.ndjson", "\n".join(machine_capture(20_000)) + "\n")
+    pipelines: list[Pipeline] = []
+
+    async with TardisMachineServer(ServeOptions(captures=(capture,))) as server:
+        running = asyncio.create_task(run(http_settings(server, pg_url), prepare=pipelines.append))
+        # A counter has no event to wait on: poll it.
+        while not pipelines or pipelines[0].processor.counters.frames < 2000:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        await pipelines[0].stop()
+        summary = await asyncio.wait_for(running, 30)
+
+    stored = sum((await table_counts(pg)).values())
+    assert summary.stopped_by_signal and not summary.completed
+    assert 2000 <= stored < 20_000
+    assert stored == summary.rows_inserted == summary.processor.frames
