@@ -65,6 +65,9 @@ GZIP_MAGIC: Final = b"\x1f\x8b"
 CHECKPOINT_LINES: Final = 1024
 _LOGGED_SKIPS_PER_REASON: Final = 5
 _READ_ERRORS: Final = (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error)
+# Python's datetime range (years 1 to 9999) in Unix microseconds; PostgreSQL's is wider.
+_FIRST_US: Final = -62_135_596_800_000_000
+_LAST_US: Final = 253_402_300_799_999_999
 _BOOL: Final = {"true": True, "false": False}
 _SIDES: Final = {"bid": True, "ask": False}
 
@@ -481,9 +484,12 @@ def _number(record: list[str], index: int, name: str) -> float:
 
 def _timestamps(record: list[str]) -> tuple[int, int]:
     try:
-        return int(record[2]), int(record[3])
+        timestamp_us, local_timestamp_us = int(record[2]), int(record[3])
     except ValueError:
         raise _Skip("bad_timestamp", f"{record[2]!r}, {record[3]!r}", record[1]) from None
+    if not (_FIRST_US <= timestamp_us <= _LAST_US and _FIRST_US <= local_timestamp_us <= _LAST_US):
+        raise _Skip("bad_timestamp", f"{record[2]!r}, {record[3]!r}", record[1])
+    return timestamp_us, local_timestamp_us
 
 
 def _level_change(record: list[str]) -> tuple[str, str, int, int, bool, tuple[bool, float, float]]:

@@ -249,6 +249,19 @@ async def test_bad_lines_are_skipped_counted_and_logged_with_file_and_line(
     assert report.completed
 
 
+async def test_timestamps_out_of_range_are_skipped_in_every_csv_format(tmp_path: Path) -> None:
+    huge = "99999999999999999999"
+    header = ",".join(book_snapshot_header(1))
+    book = write(tmp_path / "book.csv", f"{header}\nbinance,BTCUSDT,{huge},1,1,1,1,1\n")
+    l2 = write(tmp_path / "l2.csv", f"{INCREMENTAL_HEADER}\nx,S,1,{huge},true,bid,1,1\n")
+    trades = write(tmp_path / "t.csv", f"{TRADES_HEADER}\nx,S,{huge},1,a,buy,1,1\n")
+
+    source, _, sink, _ = await replay(book, l2, trades)
+
+    assert sink.rows == []
+    assert [report.skipped for report in source.reports] == [Counter(bad_timestamp=1)] * 3
+
+
 async def test_truncated_gzip_names_the_file_after_handing_on_what_it_read(tmp_path: Path) -> None:
     lines = [TRADES_HEADER] + [
         f"bitmex,XBTUSD,{1583020803145000 + i},1583020803307160,id{i},buy,{i + 1},2"
