@@ -345,9 +345,7 @@ class FallbackStorage:
             created_at_us=_to_us(now),
         )
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
-        ref = SpillRef(
-            f"{area}/{table}/{stamp}-{secrets.token_hex(4)}{_SUFFIX[self.compression]}"
-        )
+        ref = SpillRef(f"{area}/{table}/{stamp}-{secrets.token_hex(4)}{_SUFFIX[self.compression]}")
         try:
             await self.store.put(ref.name, data)
         except OSError as exc:
@@ -447,6 +445,7 @@ class SpillBuffer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), self.max_age_secs)
             await self.flush()
+        await self.flush()  # close() may have come before run() started
 
     def close(self) -> None:
         """Make `run` flush what is left and return."""
