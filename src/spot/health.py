@@ -21,7 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spot.config import HealthConfig
 from spot.metrics import metrics_registry
-from spot.stream_health import ExchangeStatus, HealthSnapshot, HistogramView, TableStatus
+from spot.stream_health import (
+    LAG_BUCKETS_SECS,
+    ExchangeStatus,
+    HealthSnapshot,
+    HistogramView,
+    TableStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +212,8 @@ def _badge(status: str) -> str:
 def _secs(value: float | None) -> str:
     if value is None:
         return "–"
+    if value >= LAG_BUCKETS_SECS[-1]:  # the +Inf bucket: only a lower bound is known
+        return f"≥ {LAG_BUCKETS_SECS[-1]:g} s"
     return f"{value * 1000:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
 
 

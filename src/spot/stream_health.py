@@ -287,20 +287,25 @@ class StreamHealth:
         stats.last_received_ns = received_ns
         stats.symbols[row[1]] = received_ns
         bound = self._max_drift_us
+        # The histograms' observe() inlined: this runs for every message (~0.3 µs in all).
         if kind == "trade":
             stats.trades += 1
             local_us = row[9]
             lag_us = local_us - row[8]
-            stats.exchange_lag.observe(lag_us)
-            if lag_us > bound or lag_us < -bound:
+            histogram = stats.exchange_lag
+            histogram.counts[bisect_left(histogram.bounds_us, lag_us)] += 1
+            histogram.sum_us += lag_us
+            if not -bound <= lag_us <= bound:
                 self._drifted(stats, "exchange_to_tardis", lag_us)
         else:
             stats.books += 1
             local_us = row[5]
         if self._stream:
             lag_us = received_ns // 1000 - local_us
-            stats.source_lag.observe(lag_us)
-            if lag_us > bound or lag_us < -bound:
+            histogram = stats.source_lag
+            histogram.counts[bisect_left(histogram.bounds_us, lag_us)] += 1
+            histogram.sum_us += lag_us
+            if not -bound <= lag_us <= bound:
                 self._drifted(stats, "tardis_to_spot", lag_us)
 
     def record_gap(self, exchanges: Iterable[str], secs: float) -> None:
@@ -318,8 +323,7 @@ class StreamHealth:
             return
         stats.next_drift_log[hop] = now + DRIFT_LOG_EVERY_SECS
         log.warning(
-            "[!] Clock drift on %s: %s is %+.3f s, past the %.1f s bound (%d such messages so "
-            "far). %s",
+            "[!] Clock drift on %s: %s is %+.3f s, past the %.1f s bound (%d times so far). %s",
             stats.name,
             "a trade's localTimestamp − timestamp"
             if hop == "exchange_to_tardis"
