@@ -17,8 +17,9 @@ import pytest
 
 from spot.config import Settings, settings_from_dict
 from spot.data_processor import DataProcessor
+from spot.db_writer import PostgreSQLDatabase
 from spot.errors import ConfigError
-from spot.main_loop import Pipeline, run
+from spot.main_loop import Pipeline, run, tardis_source
 from spot.messages import Frame
 from spot.serve import ServeOptions, TardisMachineServer
 from spot.symbol_refresh import Handover, plan_refresh, symbol_set
@@ -353,3 +354,18 @@ def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return checked
+
+
+async def test_a_replay_rejects_a_refresh_and_says_why(pg_url: str) -> None:
+    settings = settings_from_dict(
+        {
+            "tardis": {"mode": "replay", "from": "2024-03-01", "to": "2024-03-02"},
+            "exchanges": [{"name": "binance", "symbols": ["BTCUSDT"]}],
+            "database": {"url": pg_url},
+        }
+    )
+    async with PostgreSQLDatabase(pg_url, 15) as db:
+        pipeline = Pipeline(settings, db, tardis_source(settings))
+
+        with pytest.raises(ConfigError, match="stream mode only"):
+            await pipeline.refresh(settings)
