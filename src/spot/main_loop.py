@@ -341,7 +341,7 @@ class Pipeline:
         self._task_group.create_task(self._read_subscription(subscription), name="reader")
 
     async def _read_subscription(self, subscription: Subscription) -> None:
-        processor, accept_of = subscription.processor, subscription
+        processor = subscription.processor
         observe = self.monitor.observe if self.monitor is not None else None
         sink = DisconnectGaps(processor, self.queues, self.gaps.record)
         try:
@@ -352,7 +352,8 @@ class Pipeline:
                 kind, row = normalized.kind, normalized.row
                 if observe is not None:
                     observe(kind, row, frame.received_ns)
-                if accept_of.accept is not None and not accept_of.accept(kind, row):
+                # Read per row: a refresh sets and clears it while this loop runs.
+                if subscription.accept is not None and not subscription.accept(kind, row):
                     continue
                 await sink.put(kind, normalized.ticker, row)
         except Exception as exc:  # the pipeline raises it after storing what came before

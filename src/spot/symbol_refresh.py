@@ -222,6 +222,10 @@ class ConfigWatcher:
                 "[✗] Config reload (%s) rejected, still running the previous symbols: %s", why, exc
             )
             return
+        except Exception:  # a failed refresh must not take the running pipeline down with it
+            self.reloads["rejected"] += 1
+            log.exception("[✗] Config reload (%s) failed, still running the previous symbols", why)
+            return
         self.reloads["applied" if applied else "unchanged"] += 1
 
     @contextlib.contextmanager
