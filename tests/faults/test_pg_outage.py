@@ -91,7 +91,9 @@ async def test_outage_longer_than_the_spill_budget_spills_then_recovers_every_ro
     assert summary.rows_spilled > 0
     recovered = summary.recovery.rows_inserted + summary.recovery.rows_duplicate
     assert recovered == summary.rows_spilled
-    assert summary.rows_inserted + summary.recovery.rows_inserted == sum(expected.values())
+    # Not `rows_inserted + recovery.rows_inserted == total`: a batch whose COMMIT reached the
+    # server just as the connection was cut is stored but looks failed, so it is spilled too;
+    # recovery then counts its rows as already stored. The table counts are the truth.
     assert await table_counts(pg) == dict(expected)
     assert await duplicate_keys(pg) == 0
     assert not await spilled_rows(spill_dir)  # recovered files are removed
