@@ -283,7 +283,8 @@ class TardisMachineSource:
             if self.tardis.mode == "replay":
                 raise ServerClosedWithError(code, reason)
         if message is not None and message.type == aiohttp.WSMsgType.ERROR:
-            error = ws.exception()
+            # aiohttp hands the error over in the message; ws.exception() may be unset.
+            error = message.data if isinstance(message.data, Exception) else ws.exception()
             if getattr(error, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                 # The frame cannot be read, so it cannot be skipped: a replay meets it again.
                 self.oversized_frames += 1

@@ -91,3 +91,30 @@ async def test_hostile_frames_are_counted_and_never_cost_a_good_row(
     assert await spilled_rows(spill_dir, "rejected") == {"trade_btc_usdt": rejected}
     assert await table_counts(pg) == dict(capture.expected_rows)
     assert await duplicate_keys(pg) == 0
+
+
+async def test_a_frame_over_the_size_limit_is_counted_and_what_came_before_is_stored(
+    pg_url: str, pg: Connection, tmp_path: Path
+) -> None:
+    from spot.errors import SourceError
+    from spot.main_loop import tardis_source
+    from spot.websocket import MAX_FRAME_BYTES, TardisMachineSource
+
+    capture = mixed_capture(300)
+    at = json.loads(capture.lines[-1])["localTimestamp"]
+    huge = _trade(at, id="x" * (MAX_FRAME_BYTES + 1))
+    path = tmp_path / "huge.ndjson"
+    path.write_bytes("\n".join(capture.lines).encode() + b"\n" + huge + b"\n")
+
+    async with TardisMachineServer(ServeOptions(captures=(path,))) as server:
+        settings = fault_settings(
+            server.ws_url, pg_url, tmp_path / "spill", tardis={"max_reconnect_attempts": 2}
+        )
+        source = tardis_source(settings)
+        # The frame cannot be read, so a replay cannot skip it: it ends with a clear error.
+        with pytest.raises(SourceError, match="exceeds limit"):
+            await run(settings, source)
+
+    assert isinstance(source, TardisMachineSource)
+    assert source.oversized_frames == 3  # the first connection and two reconnects
+    assert await table_counts(pg) == dict(capture.expected_rows)
