@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from spot.errors import DatabaseUnavailable, RowsRejected, SpillError, SpotError
+from spot.errors import ConfigError, DatabaseUnavailable, RowsRejected, SpillError, SpotError
 from spot.stream_health import LatencyHistogram, unix_us
 from spot.tables import Row, TableLayout, check_book_levels, column_types, layout_for
 
@@ -39,6 +39,9 @@ Batch = list[Row]
 # What PostgreSQL (or psycopg's dumpers, client side) raise for the contents of a batch: retrying
 # the same rows cannot help. Connection failures are OperationalError, translated separately.
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError, OverflowError)
+
+# Refusals that pass by themselves: PostgreSQL restarting, recovering, or out of connections.
+_TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many", "slots")
 
 GAPS_TABLE = "spot_gaps"
 # Times without data: Tardis Machine `disconnect` messages and stream reconnects.
@@ -123,13 +126,11 @@ class PostgreSQLDatabase:
         connecting whenever a connection is asked for.
         """
         if not self.require_connection:
-            await self._pool.open(wait=False)
             try:
-                await self.execute("SELECT 1")
+                await self._probe()
             except DatabaseUnavailable as exc:
                 log.warning("[!] Starting without PostgreSQL at %s: %s", redact_dsn(self.url), exc)
-                return
-            log.info("Connected to PostgreSQL at %s", redact_dsn(self.url))
+            await self._pool.open(wait=False)
             return
         try:
             await self._pool.open(wait=True, timeout=self.connect_timeout_secs)
@@ -138,6 +139,24 @@ class PostgreSQLDatabase:
             raise DatabaseUnavailable(
                 f"cannot connect to PostgreSQL at {redact_dsn(self.url)}: {exc}"
             ) from exc
+        log.info("Connected to PostgreSQL at %s", redact_dsn(self.url))
+
+    async def _probe(self) -> None:
+        """Connect once, outside the pool, to tell an outage from a refusal."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=max(1, int(self.connect_timeout_secs))
+            )
+        except psycopg.OperationalError as exc:
+            text = str(exc)
+            # The server answered and refused who we are (role, password, database): spilling
+            # until it changes its mind would only hide a configuration error.
+            if "FATAL:" in text and not any(word in text for word in _TRANSIENT_REFUSALS):
+                raise ConfigError(
+                    f"PostgreSQL at {redact_dsn(self.url)} refused spot: {text}"
+                ) from None
+            raise DatabaseUnavailable(f"cannot connect: {text}") from exc
+        await conn.close()
         log.info("Connected to PostgreSQL at %s", redact_dsn(self.url))
 
     async def aclose(self) -> None:

@@ -107,3 +107,18 @@ async def test_stream_overflow_is_spilled_in_few_files_and_recovered(
         counters = await recover_spills(db, storage, 15)
     assert counters.rows_inserted == 990
     assert await _count(pg, "trade_btc_usdt") == 990
+
+
+async def test_a_refusal_at_start_is_a_config_error_even_with_a_spill_to_fall_back_on(
+    pg_url: str,
+) -> None:
+    from spot.errors import ConfigError
+
+    info = psycopg.conninfo.conninfo_to_dict(pg_url)
+    info["dbname"] = "spot_no_such_database"
+    db = PostgreSQLDatabase(
+        psycopg.conninfo.make_conninfo("", **info), 15, require_connection=False
+    )
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        await db.open()
