@@ -79,7 +79,8 @@ class SpotProcess:
         self.connected.set()  # exited: stop waiting
 
     async def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+        if self.process.returncode is None:  # a fast machine may have finished the replay
+            self.process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(self.process.wait(), 90)
         await self._reader
         return code
@@ -106,7 +107,7 @@ async def test_sigterm_at_a_random_point_keeps_every_received_row(
 ) -> None:
     capture, expected = big_capture
     spill_dir = tmp_path / "spill"
-    delay = random.Random(seed).uniform(0.0, 2.5)
+    delay = random.Random(seed).uniform(0.0, 1.5)
 
     async with TardisMachineServer(ServeOptions(captures=(capture,))) as server:
         config = tmp_path / "spot.toml"
