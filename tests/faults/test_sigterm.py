@@ -8,6 +8,7 @@ is what spot says it received, in its final summary lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -79,7 +80,8 @@ class SpotProcess:
         self.connected.set()  # exited: stop waiting
 
     async def terminate(self) -> int:
-        if self.process.returncode is None:  # a fast machine may have finished the replay
+        # A fast machine may have finished the replay already: nothing left to stop.
+        with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(self.process.wait(), 90)
         await self._reader
