@@ -95,14 +95,24 @@ def _check_positive(what: str, value: float) -> None:
         raise InvalidMessage(f"invalid_{what}", repr(value))
 
 
-def trade_row(message: Trade, trade_id: str, received_at: datetime) -> Row:
-    """Return the `trade_<ticker>` row of a trade."""
+def trade_row(message: Trade, received_at: datetime, trade_ids: TradeIds) -> Row:
+    """Return the `trade_<ticker>` row of a trade; `trade_ids` names trades that come without."""
     _check_positive("price", message.price)
     _check_positive("amount", message.amount)
     if message.side not in TRADE_SIDES:
         raise InvalidMessage("invalid_side", repr(message.side))
     timestamp, timestamp_us = parse_timestamp(message.timestamp)
     local_timestamp, local_timestamp_us = parse_timestamp(message.local_timestamp)
+    trade_id = message.id
+    if trade_id is None:
+        trade_id = trade_ids.derive(
+            message.exchange,
+            message.symbol,
+            timestamp_us,
+            message.price,
+            message.amount,
+            message.side,
+        )
     return (
         message.exchange,
         message.symbol,
@@ -153,21 +163,23 @@ def book_row(message: BookSnapshot, depth: int, received_at: datetime) -> Row:
 class TradeIds:
     """Derive deterministic ids for trades that arrive without one.
 
-    Identical id-less trades (same time, price, amount, side) are told apart by their position in
-    the run, so a replay of the same data derives the same ids and none collapse into another.
+    Identical id-less trades (same instant, price, amount, side) are told apart by their position
+    in the run, so a replay of the same data derives the same ids and none collapse into another.
+    The instant is the parsed microsecond, so `.123Z` and `.123000Z` derive the same id.
     """
 
     def __init__(self) -> None:
-        self._runs: dict[tuple[str, str], tuple[str, Counter[str]]] = {}
+        self._runs: dict[tuple[str, str], tuple[int, Counter[str]]] = {}
 
-    def __call__(self, message: Trade) -> str:
-        if message.id is not None:
-            return message.id
-        key = (message.exchange, message.symbol)
+    def derive(
+        self, exchange: str, symbol: str, timestamp_us: int, price: float, amount: float, side: str
+    ) -> str:
+        """Return the id of an id-less trade (call once per trade, in arrival order)."""
+        key = (exchange, symbol)
         run = self._runs.get(key)
-        if run is None or run[0] != message.timestamp:
-            run = self._runs[key] = (message.timestamp, Counter())
-        fingerprint = f"{message.timestamp}|{message.price!r}|{message.amount!r}|{message.side}"
+        if run is None or run[0] != timestamp_us:
+            run = self._runs[key] = (timestamp_us, Counter())
+        fingerprint = f"{timestamp_us}|{price!r}|{amount!r}|{side}"
         occurrence = run[1][fingerprint]
         run[1][fingerprint] += 1
         digest = hashlib.blake2b(f"{key}|{fingerprint}".encode(), digest_size=8).hexdigest()
@@ -226,7 +238,7 @@ class DataProcessor:
 
     def _normalize(self, message: Message, received_at: datetime) -> NormalizedRow | None:
         if isinstance(message, Trade):
-            row = trade_row(message, self.trade_ids(message), received_at)
+            row = trade_row(message, received_at, self.trade_ids)
             self.counters.trades += 1
             return NormalizedRow("trade", self.tickers(message.symbol), row)
         if isinstance(message, BookSnapshot):
@@ -276,15 +288,6 @@ def datetime_from_us(unix_us: int) -> datetime:
         return EPOCH + timedelta(microseconds=unix_us)
     except OverflowError:
         raise InvalidMessage("bad_timestamp", repr(unix_us)) from None
-
-
-def tardis_timestamp_text(unix_us: int) -> str:
-    """Return Unix microseconds as Tardis Machine prints them: 3 fractional digits, or 6 if µs."""
-    seconds_text = datetime_from_us(unix_us).strftime("%Y-%m-%dT%H:%M:%S")
-    micros = unix_us % 1_000_000
-    if micros % 1000:
-        return f"{seconds_text}.{micros:06d}Z"
-    return f"{seconds_text}.{micros // 1000:03d}Z"
 
 
 def trade_row_us(

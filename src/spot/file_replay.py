@@ -42,12 +42,11 @@ from spot.data_processor import (
     RowSink,
     book_row_us,
     datetime_from_ns,
-    tardis_timestamp_text,
     trade_row_us,
 )
 from spot.errors import BadInputFile
 from spot.incremental_book import ComputedSnapshot, IncrementalBooks
-from spot.messages import Frame, Trade
+from spot.messages import Frame
 from spot.tables import Kind, table_name
 
 log = logging.getLogger(__name__)
@@ -394,18 +393,10 @@ class FileReplaySource:
         price = _number(record, 6, "price")
         amount = _number(record, 7, "amount")
         if not trade_id:
-            # Derive the id from the trade exactly as it would arrive from Tardis Machine, so a
-            # CSV and a WebSocket replay of the same trades store the same ids.
-            trade_id = self._processor.trade_ids(
-                Trade(
-                    symbol=symbol,
-                    exchange=exchange,
-                    price=price,
-                    amount=amount,
-                    side=side,
-                    timestamp=tardis_timestamp_text(timestamp_us),
-                    local_timestamp=tardis_timestamp_text(local_timestamp_us),
-                )
+            # The pipeline's own TradeIds, so a CSV and a WebSocket replay of the same trades
+            # store the same ids.
+            trade_id = self._processor.trade_ids.derive(
+                exchange, symbol, timestamp_us, price, amount, side
             )
         try:
             row = trade_row_us(

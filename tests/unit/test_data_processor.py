@@ -172,6 +172,13 @@ def test_id_less_trades_sharing_a_timestamp_get_distinct_deterministic_ids() -> 
     assert first == again
 
 
+def test_derived_ids_do_not_depend_on_how_the_timestamp_is_spelled() -> None:
+    three_digits, _ = _process_file_bytes([_trade_frame(timestamp="2024-03-01T00:00:00.123Z")])
+    six_digits, _ = _process_file_bytes([_trade_frame(timestamp="2024-03-01T00:00:00.123000Z")])
+
+    assert three_digits == six_digits
+
+
 def _process_file_bytes(lines: list[bytes]) -> tuple[list[str], DataProcessor]:
     processor = DataProcessor(15, TickerNormalizer())
     ids = [processor.process(Frame(line, RECEIVED_NS)).row[2] for line in lines]  # type: ignore[union-attr]
