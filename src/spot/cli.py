@@ -110,11 +110,6 @@ def replay_command(
         summary, error = asyncio.run(_replay(settings, source, console))
     except SpotError as exc:
         raise _fail(exc) from None
-    except ExceptionGroup as group:  # a writer's error (SchemaMismatch) leaves the TaskGroup so
-        spot_errors = group.subgroup(SpotError)
-        if spot_errors is None:
-            raise
-        raise _fail(_first_leaf(spot_errors)) from None
     if summary is not None:
         for line in summary_lines(summary.writers, summary.processor, source.reports):
             typer.echo(line)
@@ -127,11 +122,6 @@ def replay_command(
             err=True,
         )
         raise typer.Exit(1)
-
-
-def _first_leaf(group: BaseExceptionGroup[SpotError]) -> SpotError:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _configure_replay_logging(level: str) -> Console:

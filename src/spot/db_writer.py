@@ -410,6 +410,9 @@ class QueueProcessor:
         deadline = asyncio.ensure_future(self._give_up.wait())
         try:
             await asyncio.wait((attempt, deadline), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            attempt.cancel()  # the run is being torn down: no write may outlive the pool
+            raise
         finally:
             deadline.cancel()
         if attempt.done():

@@ -10,6 +10,7 @@ that had started, raises SourceError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -72,6 +73,7 @@ class HttpReplaySource:
         self.data_types = tuple(data_types)
         self._resume = ResumePoint()
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes a reconnect backoff when stop() is called
         self._response: aiohttp.ClientResponse | None = None
         self.connects = 0
         self.frames_received = 0
@@ -92,8 +94,9 @@ class HttpReplaySource:
         return replay_http_url(self.tardis.url, options)
 
     async def stop(self) -> None:
-        """Stop reading: frames() ends after the frame in hand."""
+        """Stop reading: frames() ends after the frame in hand, or at once during a backoff."""
         self._stopping = True
+        self._stopped.set()
         if self._response is not None:
             self._response.close()
 
@@ -124,7 +127,8 @@ class HttpReplaySource:
                     raise SourceError(f"HTTP replay gave up after {failures - 1} retries: {reason}")
                 wait = delay * random.uniform(0.5, 1.5)
                 log.warning("[-] HTTP replay dropped (%s); resuming in %.1fs", reason, wait)
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), wait)
                 delay = min(delay * 2, self.tardis.reconnect_max_secs)
 
     async def _request(self, session: aiohttp.ClientSession) -> AsyncIterator[Frame]:

@@ -28,7 +28,7 @@ from spot.config import Settings, load_settings
 from spot.data_processor import DataProcessor, ProcessorCounters
 from spot.db_writer import PostgreSQLDatabase, QueueProcessor, WriterCounters
 from spot.embedded_database import EmbeddedPostgres
-from spot.errors import ConfigError, DatabaseUnavailable
+from spot.errors import ConfigError, DatabaseUnavailable, SpotError
 from spot.fallback_storage import FallbackStorage, SpillBuffer, open_fallback
 from spot.file_replay import FileReplaySource
 from spot.gaps import DisconnectGaps, GapRecorder
@@ -271,21 +271,25 @@ class Pipeline:
     async def run(self) -> RunSummary:
         """Read until the source ends, then drain every queue; re-raise a source error after."""
         source_error: BaseException | None = None
-        async with asyncio.TaskGroup() as task_group:
-            self._task_group = task_group
-            for table in self._pending_tables:
-                self._start_writer(table)
-            helpers = self._start_helpers(task_group)
-            source_error = await self._read()
-            if source_error is None:
-                self.summary.completed = not self.summary.stopped_by_signal
-            else:  # stored rows first, then the error
-                log.error(
-                    "Source failed: %s; storing what was received before stopping", source_error
-                )
-            self._start_deadline()
-            await self.queues.close()
-            await self._drain(helpers)
+        try:
+            async with asyncio.TaskGroup() as task_group:
+                self._task_group = task_group
+                for table in self._pending_tables:
+                    self._start_writer(table)
+                helpers = self._start_helpers(task_group)
+                source_error = await self._read()
+                if source_error is None:
+                    self.summary.completed = not self.summary.stopped_by_signal
+                else:  # stored rows first, then the error
+                    log.error(
+                        "Source failed: %s; storing what was received before stopping",
+                        source_error,
+                    )
+                self._start_deadline()
+                await self.queues.close()
+                await self._drain(helpers)
+        except ExceptionGroup as group:
+            raise _first_spot_error(group) from group
         self._summarize()
         if source_error is not None:
             raise source_error
@@ -619,6 +623,21 @@ class Pipeline:
             summary.gaps,
             f"yes, at {self.fallback.url}" if summary.spills_left and self.fallback else "none",
         )
+
+
+def _first_spot_error(group: ExceptionGroup[Exception]) -> Exception:
+    """Return the SpotError that stopped a task (a writer's SchemaMismatch, say), or the group.
+
+    The TaskGroup wraps it; callers and users want the error itself, with its message.
+    """
+    spot_errors = group.subgroup(SpotError)
+    if spot_errors is None:
+        return group
+    first: BaseException = spot_errors
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, Exception)
+    return first
 
 
 def _symbols_text(symbols: frozenset[tuple[str, str]]) -> str:

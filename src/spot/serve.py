@@ -215,7 +215,7 @@ def _open_capture(path: Path) -> io.BufferedIOBase:
 def _decode_head(raw: bytes) -> _Head | None:
     try:
         head = _HEAD_DECODER.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 inside a JSON string
         return None
     return head if _TIMESTAMP.fullmatch(head.local_timestamp) else None
 

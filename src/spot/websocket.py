@@ -10,6 +10,7 @@ drop is reported to `on_gap` as the time without data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -165,6 +166,7 @@ class TardisMachineSource:
         self.on_gap = on_gap
         self._resume = ResumePoint()
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes a reconnect backoff when stop() is called
         self._ws: _WebSocket | None = None
         self.connects = 0
         self.frames_received = 0
@@ -193,8 +195,9 @@ class TardisMachineSource:
         return source_url(self.tardis.url, self.tardis.mode, options)
 
     async def stop(self) -> None:
-        """Stop reading: frames() ends after the frame in hand."""
+        """Stop reading: frames() ends after the frame in hand, or at once during a backoff."""
         self._stopping = True
+        self._stopped.set()
         if self._ws is not None:
             await self._ws.close()
 
@@ -202,7 +205,9 @@ class TardisMachineSource:
         """Yield frames until the replay completes or stop() is called; reconnect on drops."""
         failures = 0
         delay = self.tardis.reconnect_initial_secs
-        async with aiohttp.ClientSession() as session:
+        # A connect that hangs (a black-holed host) must not outlast a stop for long.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
             while not self._stopping:
                 received_before = self.frames_received
                 dropped_at = datetime.now(UTC)
@@ -230,7 +235,8 @@ class TardisMachineSource:
                 self._check_give_up(failures, reason)
                 wait = delay * random.uniform(0.5, 1.5)
                 log.warning("[-] WebSocket dropped (%s); reconnecting in %.1fs", reason, wait)
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), wait)
                 delay = min(delay * 2, self.tardis.reconnect_max_secs)
 
     def _on_connected(self, dropped_at: datetime | None) -> None:

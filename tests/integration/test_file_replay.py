@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from spot.cli import app
 from spot.config import Settings, settings_from_dict
-from spot.errors import BadInputFile, SourceError
+from spot.db_writer import PostgreSQLDatabase
+from spot.errors import BadInputFile, SchemaMismatch, SourceError
 from spot.file_replay import FileReplaySource, book_snapshot_header
 from spot.incremental_book import IncrementalBooks
 from spot.main_loop import Pipeline, RunSummary, run, run_files, tardis_source
@@ -528,3 +529,17 @@ async def test_http_replay_stopped_midway_stores_what_it_read(
     assert summary.stopped_by_signal and not summary.completed
     assert 2000 <= stored < 20_000
     assert stored == summary.rows_inserted == summary.processor.frames
+
+
+async def test_a_writer_schema_mismatch_is_raised_as_itself_not_as_a_task_group(
+    tmp_path: Path, pg_url: str
+) -> None:
+    async with PostgreSQLDatabase(pg_url, 10) as db:
+        await db.ensure_table("orderbook_btc_usdt")  # an older run with 10 levels
+    capture = tmp_path / "capture.ndjson"
+    capture.write_text(
+        fixture_path("tardis", "tardis_machine_18_offline_binance_synthetic.ndjson").read_text()
+    )
+
+    with pytest.raises(SchemaMismatch, match="orderbook_btc_usdt has 10 book levels"):
+        await replay(pg_url, capture)
