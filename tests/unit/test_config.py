@@ -1,8 +1,9 @@
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from spot.config import load_settings, settings_from_dict
+from spot.config import Settings, load_settings, settings_from_dict
 from spot.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "spot.example.toml"
@@ -75,3 +76,26 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
 def test_snapshot_interval_units() -> None:
     assert settings_from_dict({"book": {"snapshot_interval": "1s"}}).book.interval_ms == 1000
     assert settings_from_dict({"book": {"snapshot_interval": "0ms"}}).book.interval_ms == 0
+
+
+def _keys(struct_type: type, prefix: str = "") -> set[str]:
+    keys = set()
+    for field in msgspec.structs.fields(struct_type):
+        annotation = field.type
+        if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+            keys |= _keys(annotation, f"{field.encode_name}.")
+        else:
+            keys.add(f"{prefix}{field.encode_name}")
+    return keys
+
+
+def test_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    missing = [
+        key
+        for key in sorted(_keys(Settings))
+        if key.split(".")[-1] + " =" not in text.replace("# ", "")
+        and key not in {"exchanges", "ticker_overrides"}
+    ]
+
+    assert not missing, f"spot.example.toml does not mention {missing}"
