@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 import psycopg
+
 from bench.workload import KINDS, Kind, Workload
 
 TRADES_DDL = (

@@ -14,9 +14,9 @@ import time
 from collections import defaultdict
 
 import psycopg
-from bench.workload import KINDS, Kind, Workload
 from psycopg import sql
 
+from bench.workload import KINDS, Kind, Workload
 from spot.data_processor import DataProcessor
 from spot.messages import Frame
 from spot.tables import Row, column_types, layout_for, quote_ident, table_name

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.workload import exchanges
-
 from spot import main_loop
 from spot.config import Settings, settings_from_dict
 from spot.db_writer import PostgreSQLDatabase

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
 from bench.harness import Plan, run_plan
 from bench.report import END, START, markdown, update_doc
 
