@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import psycopg
 import pytest
 
 from spot.embedded_database import EmbeddedPostgres
+from tests.database import fresh_database
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LOCAL_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -46,14 +46,8 @@ def pg_server_url() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server_url: str) -> Iterator[str]:
     """A fresh, empty database for one test (dropped afterwards)."""
-    name = f"spot_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    yield psycopg.conninfo.make_conninfo("", **info)
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,21 +9,18 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from spot.config import Settings, settings_from_dict
 from spot.data_processor import DataProcessor
 from spot.fallback_storage import FallbackStorage, LocalSpill
 from spot.messages import Frame
-from spot.tables import BOOK_KEY, TRADE_KEY
 from spot.tickers import TickerNormalizer
 from tests.faults.tcp_proxy import TcpProxy
 
 # gcsfs reads this when imported; without it each call first probes the emulator over gRPC.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-Connection = psycopg.AsyncConnection[tuple[object, ...]]
 EXCHANGES = [
     {"name": "binance", "symbols": ["BTCUSDT", "ETHUSDT"]},
     {"name": "coinbase", "symbols": ["BTC-USD"]},
@@ -84,39 +81,6 @@ def config_toml(settings: Settings) -> str:
         f"recover_interval_secs = {fallback.recover_interval_secs}\n"
         "[health]\nenabled = false\n"
     )
-
-
-async def table_counts(pg: Connection) -> dict[str, int]:
-    """Return the row count of every trade_/orderbook_ table."""
-    counts = {}
-    for table in await _spot_tables(pg):
-        row = await (await pg.execute(f'SELECT count(*) FROM "{table}"')).fetchone()
-        assert row is not None
-        counts[table] = int(str(row[0]))
-    return counts
-
-
-async def duplicate_keys(pg: Connection) -> int:
-    """Return how many natural keys occur more than once, over every spot table."""
-    duplicates = 0
-    for table in await _spot_tables(pg):
-        key = ", ".join(f'"{c}"' for c in (TRADE_KEY if table.startswith("trade_") else BOOK_KEY))
-        cursor = await pg.execute(
-            f'SELECT count(*) FROM (SELECT 1 FROM "{table}" GROUP BY {key} HAVING count(*) > 1) d'
-        )
-        row = await cursor.fetchone()
-        assert row is not None
-        duplicates += int(str(row[0]))
-    return duplicates
-
-
-async def _spot_tables(pg: Connection) -> list[str]:
-    cursor = await pg.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-        " AND (table_name LIKE 'trade\\_%' OR table_name LIKE 'orderbook\\_%')"
-        " ORDER BY table_name"
-    )
-    return [str(table) for (table,) in await cursor.fetchall()]
 
 
 async def spilled_rows(spill_dir: Path, area: str = "pending") -> Counter[str]:

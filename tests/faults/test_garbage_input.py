@@ -11,13 +11,8 @@ import pytest
 
 from spot.main_loop import run
 from spot.serve import ServeOptions, TardisMachineServer
-from tests.faults.conftest import (
-    Connection,
-    duplicate_keys,
-    fault_settings,
-    spilled_rows,
-    table_counts,
-)
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import fault_settings, spilled_rows
 from tests.integration.capture_builder import START, iso, mixed_capture
 
 pytestmark = pytest.mark.slow

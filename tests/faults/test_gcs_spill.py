@@ -19,7 +19,8 @@ from spot.main_loop import run
 from spot.recovery import recover_spills
 from spot.serve import ServeOptions, TardisMachineServer
 from spot.tables import TRADE_COLUMNS
-from tests.faults.conftest import Connection, duplicate_keys, fault_settings, table_counts
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import fault_settings
 from tests.faults.tcp_proxy import TcpProxy
 from tests.integration.capture_builder import mixed_capture
 

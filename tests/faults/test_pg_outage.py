@@ -10,14 +10,8 @@ import pytest
 
 from spot.main_loop import Pipeline, RunSummary, run
 from spot.serve import ServeOptions, TardisMachineServer
-from tests.faults.conftest import (
-    Connection,
-    duplicate_keys,
-    fault_settings,
-    spilled_rows,
-    table_counts,
-    wait_until,
-)
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import fault_settings, spilled_rows, wait_until
 from tests.faults.tcp_proxy import TcpProxy
 
 OUTAGE_SECS = 5.0

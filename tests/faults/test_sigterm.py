@@ -23,14 +23,8 @@ from spot.db_writer import PostgreSQLDatabase
 from spot.fallback_storage import FallbackStorage, LocalSpill
 from spot.recovery import recover_spills
 from spot.serve import ServeOptions, TardisMachineServer
-from tests.faults.conftest import (
-    Connection,
-    config_toml,
-    duplicate_keys,
-    fault_settings,
-    spilled_rows,
-    table_counts,
-)
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import config_toml, fault_settings, spilled_rows
 from tests.faults.tcp_proxy import TcpProxy
 
 FINISHED = re.compile(r"Run finished: (\d+) frames, (\d+) trades, (\d+) book snapshots")

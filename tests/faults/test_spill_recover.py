@@ -11,14 +11,8 @@ import pytest
 
 from spot.main_loop import run
 from spot.serve import ServeOptions, TardisMachineServer
-from tests.faults.conftest import (
-    Connection,
-    config_toml,
-    duplicate_keys,
-    fault_settings,
-    spilled_rows,
-    table_counts,
-)
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import config_toml, fault_settings, spilled_rows
 from tests.faults.tcp_proxy import TcpProxy
 from tests.integration.capture_builder import mixed_capture
 

@@ -12,14 +12,8 @@ import pytest
 from spot.main_loop import Pipeline, run, tardis_source
 from spot.serve import ServeOptions, TardisMachineServer
 from spot.websocket import TardisMachineSource
-from tests.faults.conftest import (
-    Connection,
-    duplicate_keys,
-    expected_rows,
-    fault_settings,
-    table_counts,
-    wait_until,
-)
+from tests.database import Connection, duplicate_keys, table_counts
+from tests.faults.conftest import expected_rows, fault_settings, wait_until
 from tests.integration.capture_builder import START, iso, mixed_capture
 
 pytestmark = pytest.mark.slow

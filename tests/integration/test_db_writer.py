@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import psycopg
 import pytest
 
 from spot.db_writer import PostgreSQLDatabase, QueueProcessor, redact_dsn
 from spot.errors import DatabaseUnavailable, SchemaMismatch
 from spot.tables import Row, book_columns
+from tests.database import row_count
 
 MOMENT = datetime(2024, 3, 1, tzinfo=UTC)
 
@@ -35,20 +35,13 @@ def _book(i: int, levels: int = 15) -> Row:
     return ("binance", "BTCUSDT", MOMENT, MOMENT, us, us, *sides, MOMENT)
 
 
-async def _count(pg: psycopg.AsyncConnection[tuple[object, ...]], table: str) -> int:
-    cursor = await pg.execute(f'SELECT count(*) FROM "{table}"')
-    row = await cursor.fetchone()
-    assert row is not None
-    return int(str(row[0]))
-
-
 async def test_copy_rows_creates_the_table_and_writes_every_row(pg_url: str, pg) -> None:
     async with PostgreSQLDatabase(pg_url, 15) as db:
         inserted = await db.copy_rows("trade_btc_usdt", [_trade(i) for i in range(1000)])
         books = await db.copy_rows("orderbook_btc_usdt", [_book(i) for i in range(10)])
 
     assert (inserted, books) == (1000, 10)
-    assert await _count(pg, "trade_btc_usdt") == 1000
+    assert await row_count(pg, "trade_btc_usdt") == 1000
     cursor = await pg.execute(
         "SELECT count(*) FROM information_schema.columns WHERE table_name = 'orderbook_btc_usdt'"
     )
@@ -63,7 +56,7 @@ async def test_a_batch_written_twice_leaves_one_copy_and_new_rows_still_land(
         again = await db.copy_rows("trade_btc_usdt", [_trade(i) for i in range(150)])
 
     assert again == 50
-    assert await _count(pg, "trade_btc_usdt") == 150
+    assert await row_count(pg, "trade_btc_usdt") == 150
 
 
 async def test_existing_table_with_other_levels_is_an_error_naming_both(pg_url: str) -> None:
@@ -113,4 +106,4 @@ async def test_queue_processor_logs_inserted_rows_per_batch(
     assert "[✅] Inserted 7 rows into orderbook_eth_usdt" in caplog.text
     assert "[✅] Inserted 3 rows into orderbook_eth_usdt" in caplog.text
     assert writer.counters.rows_inserted == 10
-    assert await _count(pg, "orderbook_eth_usdt") == 10
+    assert await row_count(pg, "orderbook_eth_usdt") == 10

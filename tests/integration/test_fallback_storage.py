@@ -11,6 +11,7 @@ from spot.db_writer import PostgreSQLDatabase
 from spot.fallback_storage import FallbackStorage, LocalSpill
 from spot.recovery import recover_spills
 from spot.tables import TRADE_COLUMNS, Row, book_columns
+from tests.database import row_count
 
 MOMENT = datetime(2024, 3, 1, tzinfo=UTC)
 
@@ -18,12 +19,6 @@ MOMENT = datetime(2024, 3, 1, tzinfo=UTC)
 def _trade(i: int) -> Row:
     us = 1_709_251_200_000_000 + i
     return ("binance", "BTCUSDT", str(i), "buy", 100.0 + i, 1.5, MOMENT, MOMENT, us, us, MOMENT)
-
-
-async def _count(pg: psycopg.AsyncConnection[tuple[object, ...]], table: str) -> int:
-    row = await (await pg.execute(f'SELECT count(*) FROM "{table}"')).fetchone()
-    assert row is not None
-    return int(str(row[0]))
 
 
 async def test_a_spill_partly_stored_before_is_recovered_to_one_copy_of_each_row(
@@ -40,7 +35,7 @@ async def test_a_spill_partly_stored_before_is_recovered_to_one_copy_of_each_row
 
     assert (first.files, first.rows_inserted, first.rows_duplicate) == (1, 40, 60)
     assert (second.files, second.rows_inserted) == (0, 0)
-    assert await _count(pg, "trade_btc_usdt") == 100
+    assert await row_count(pg, "trade_btc_usdt") == 100
     assert await storage.pending() == []
 
 
@@ -57,7 +52,7 @@ async def test_a_spill_with_other_columns_stays_put_and_others_are_recovered(
 
     assert (counters.files, counters.files_failed) == (1, 1)
     assert await storage.pending() == [odd]
-    assert await _count(pg, "trade_btc_usdt") == 1
+    assert await row_count(pg, "trade_btc_usdt") == 1
 
 
 async def test_rows_postgresql_refuses_go_to_the_rejected_area_on_recovery(
@@ -81,7 +76,7 @@ async def test_gaps_are_recorded_once(pg_url: str, pg) -> None:
         assert await db.insert_gaps([gap]) == 1
         assert await db.insert_gaps([gap]) == 0
 
-    assert await _count(pg, "spot_gaps") == 1
+    assert await row_count(pg, "spot_gaps") == 1
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
@@ -106,7 +101,7 @@ async def test_stream_overflow_is_spilled_in_few_files_and_recovered(
     async with PostgreSQLDatabase(pg_url, 15) as db:
         counters = await recover_spills(db, storage, 15)
     assert counters.rows_inserted == 990
-    assert await _count(pg, "trade_btc_usdt") == 990
+    assert await row_count(pg, "trade_btc_usdt") == 990
 
 
 async def test_a_refusal_at_start_is_a_config_error_even_with_a_spill_to_fall_back_on(

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +28,7 @@ from spot.incremental_book import IncrementalBooks
 from spot.main_loop import Pipeline, RunSummary, run, run_files, tardis_source
 from spot.serve import ServeOptions, TardisMachineServer
 from tests.conftest import fixture_path
+from tests.database import fresh_database, table_counts
 
 ROOT = Path(__file__).parents[2]
 TRADES_HEADER = "exchange,symbol,timestamp,local_timestamp,id,side,price,amount"
@@ -50,18 +50,6 @@ async def replay(pg_url: str, *paths: Path, **extra: object) -> tuple[RunSummary
     settings = settings_for(pg_url, **extra)
     source = FileReplaySource(paths, snapshot_interval_ms=settings.book.interval_ms)
     return await run_files(settings, source), source
-
-
-async def table_counts(pg: PG) -> dict[str, int]:
-    cursor = await pg.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-    )
-    counts = {}
-    for (table,) in await cursor.fetchall():
-        row = await (await pg.execute(f'SELECT count(*) FROM "{table}"')).fetchone()
-        assert row is not None
-        counts[str(table)] = int(str(row[0]))
-    return counts
 
 
 async def stored_rows(pg: PG, table: str) -> list[tuple[object, ...]]:
@@ -350,14 +338,8 @@ async def test_replaying_the_same_files_twice_stores_each_row_once(
 @pytest.fixture
 def other_pg_url(pg_server_url: str) -> Iterator[str]:
     """A second empty database, for a clean run to compare with."""
-    name = f"spot_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    yield psycopg.conninfo.make_conninfo("", **info)
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_server_url) as url:
+        yield url
 
 
 TRADES_DIGEST = """

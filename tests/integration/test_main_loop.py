@@ -3,12 +3,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from spot.config import Settings, settings_from_dict
 from spot.main_loop import run, tardis_source
 from spot.serve import ServeOptions, TardisMachineServer
+from tests.database import table_counts
 from tests.integration.capture_builder import mixed_capture
 
 
@@ -30,18 +30,6 @@ def replay_settings(ws_url: str, pg_url: str, **extra: object) -> Settings:
     }
     raw.update(extra)
     return settings_from_dict(raw)
-
-
-async def table_counts(pg: psycopg.AsyncConnection[tuple[object, ...]]) -> dict[str, int]:
-    cursor = await pg.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-    )
-    counts = {}
-    for (table,) in await cursor.fetchall():
-        row = await (await pg.execute(f'SELECT count(*) FROM "{table}"')).fetchone()
-        assert row is not None
-        counts[str(table)] = int(str(row[0]))
-    return counts
 
 
 async def test_replay_stores_exactly_the_sent_rows_and_counts_the_rest(

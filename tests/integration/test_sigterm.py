@@ -7,10 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-import psycopg
-
 from spot.demo import demo_capture, demo_manifest
 from spot.serve import ServeOptions, TardisMachineServer
+from tests.database import table_counts
 
 FINISHED = re.compile(r"Run finished: (\d+) frames, (\d+) trades, (\d+) book snapshots, (\d+) rows")
 
@@ -35,19 +34,6 @@ async def _wait_for_inserts(stderr: asyncio.StreamReader, wanted: int, seen: lis
         assert line, "spot exited before inserting anything:\n" + "".join(seen)
         seen.append(line)
         inserts += "[✅] Inserted" in line
-
-
-async def _total_rows(pg: psycopg.AsyncConnection[tuple[object, ...]]) -> int:
-    cursor = await pg.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-        " AND (table_name LIKE 'trade%' OR table_name LIKE 'orderbook%')"
-    )
-    total = 0
-    for (table,) in await cursor.fetchall():
-        row = await (await pg.execute(f'SELECT count(*) FROM "{table}"')).fetchone()
-        assert row is not None
-        total += int(str(row[0]))
-    return total
 
 
 async def test_sigterm_mid_stream_stores_every_message_received(
@@ -80,4 +66,4 @@ async def test_sigterm_mid_stream_stores_every_message_received(
     assert finished, log
     frames, trades, books, inserted = map(int, finished.groups())
     assert 0 < frames <= sent < demo_manifest()["messages"]  # stopped mid-stream
-    assert trades + books == inserted == await _total_rows(pg)
+    assert trades + books == inserted == sum((await table_counts(pg)).values())
