@@ -71,6 +71,14 @@ class TcpProxy:
         """Forward new connections again."""
         self.up = True
 
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # libpq's convention: a host that is a directory names the server's Unix socket there
+        # (the embedded server listens only on one).
+        if self.target_host.startswith("/"):
+            path = f"{self.target_host}/.s.PGSQL.{self.target_port}"
+            return await asyncio.open_unix_connection(path)
+        return await asyncio.open_connection(self.target_host, self.target_port)
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
         self._tasks.add(task)
@@ -82,9 +90,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(
-                self.target_host, self.target_port
-            )
+            upstream_reader, upstream_writer = await self._open_upstream()
         except OSError:
             writer.transport.abort()
             return
