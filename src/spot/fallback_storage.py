@@ -266,11 +266,28 @@ class RemoteSpill:
 
     async def put(self, name: str, data: bytes) -> None:
         # One object upload: readers see the whole object or none of it.
-        await asyncio.to_thread(self._fs.pipe_file, f"{self._root}/{name}", data)
+        await asyncio.to_thread(self._put_checked, f"{self._root}/{name}", data)
 
     async def get(self, name: str) -> bytes:
-        data: bytes = await asyncio.to_thread(self._fs.cat_file, f"{self._root}/{name}")
-        return data
+        return await asyncio.to_thread(self._get_checked, f"{self._root}/{name}")
+
+    # A spill is the last copy of its rows: an upload or download that comes back short (seen
+    # with the GCS emulator under load) is tried again rather than trusted.
+    def _put_checked(self, path: str, data: bytes) -> None:
+        for _ in range(_REMOTE_ATTEMPTS):
+            self._fs.pipe_file(path, data)
+            if self._fs.info(path).get("size") == len(data):
+                return
+            self._fs.invalidate_cache(path)
+        raise SpillError(f"{path}: the stored object is not the {len(data)} bytes uploaded")
+
+    def _get_checked(self, path: str) -> bytes:
+        for _ in range(_REMOTE_ATTEMPTS):
+            self._fs.invalidate_cache(path)
+            data: bytes = self._fs.cat_file(path)
+            if len(data) == self._fs.info(path).get("size"):
+                return data
+        raise SpillError(f"{path}: could not read the whole object")
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self._delete, f"{self._root}/{name}")
@@ -291,6 +308,9 @@ class RemoteSpill:
             return []
         prefix = self._root.lstrip("/") + "/"
         return sorted(str(path).lstrip("/").removeprefix(prefix) for path in found)
+
+
+_REMOTE_ATTEMPTS = 3
 
 
 def default_spill_url() -> str:
