@@ -104,6 +104,11 @@ def data_types(settings: Settings) -> list[str]:
 
 def tardis_source(settings: Settings) -> TardisMachineSource | HttpReplaySource:
     """Return the Tardis Machine source the settings describe (WebSocket, or HTTP replay)."""
+    if not settings.exchanges:
+        raise ConfigError(
+            "no [[exchanges]] configured: Tardis Machine needs at least one exchange and its "
+            "symbols (see spot.example.toml)"
+        )
     if settings.tardis.transport == "http":
         return HttpReplaySource(settings.tardis, settings.exchanges, data_types(settings))
     return TardisMachineSource(settings.tardis, settings.exchanges, data_types(settings))
@@ -122,6 +127,7 @@ async def run(
     `prepare` sees the wired pipeline before it starts (file replay attaches its rows there).
     With `config_path`, a stream follows changes of its symbols (SIGHUP, or the file changing).
     """
+    source = source or tardis_source(settings)  # config errors before any server starts
     async with _database_url(settings) as url:
         db = PostgreSQLDatabase(
             url,
@@ -132,7 +138,7 @@ async def run(
             require_connection=not settings.fallback.enabled,
         )
         async with db:
-            pipeline = Pipeline(settings, db, source or tardis_source(settings))
+            pipeline = Pipeline(settings, db, source)
             if prepare is not None:
                 prepare(pipeline)
             if config_path is not None:

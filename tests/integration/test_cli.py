@@ -59,3 +59,10 @@ def test_run_with_an_invalid_config_names_the_key_and_exits_2(tmp_path: Path) ->
 
     assert result.returncode == 2
     assert "unknown field `batchsize` - at `$.queue`" in result.stderr
+
+
+def test_run_without_exchanges_says_so_and_exits_2(tmp_path: Path) -> None:
+    result = _spot("run", home=tmp_path, timeout=30)
+
+    assert result.returncode == 2
+    assert "no [[exchanges]] configured" in result.stderr
