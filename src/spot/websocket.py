@@ -79,15 +79,17 @@ def source_url(base_url: str, mode: str, options: list[dict[str, object]]) -> st
 
 def local_timestamp_of(data: str | bytes) -> str | None:
     """Return the raw `localTimestamp` string of a frame without decoding it (None if absent)."""
+    # Searched from the end: Tardis Machine puts the key once, last, after a book's ~2 kB of
+    # levels, so rfind reads a few bytes where find would read the whole frame.
     if isinstance(data, bytes):
-        start = data.find(_LOCAL_TS_KEY_BYTES)
+        start = data.rfind(_LOCAL_TS_KEY_BYTES)
         if start < 0:
             return None
         start += len(_LOCAL_TS_KEY_BYTES)
         end = data.find(b'"', start)
         return data[start:end].decode(errors="replace") if end > 0 else None
     text = data
-    start = text.find(_LOCAL_TS_KEY)
+    start = text.rfind(_LOCAL_TS_KEY)
     if start < 0:
         return None
     start += len(_LOCAL_TS_KEY)
