@@ -85,9 +85,44 @@ def parse_timestamp(text: str) -> tuple[datetime, int]:
     return moment, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+class _UtcCalendar:
+    """Aware UTC datetimes of Unix microseconds, keeping the calendar fields of the last second.
+
+    Times come in order, so nearly every call shares its second with the one before and builds
+    the datetime from cached fields (~160 ns) instead of `EPOCH + timedelta` (~400 ns).
+    """
+
+    __slots__ = ("_fields", "_second")
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._fields = (1970, 1, 1, 0, 0, 0)
+
+    def at(self, unix_us: int) -> datetime:
+        """Return the datetime of `unix_us`; OverflowError outside datetime's range."""
+        second, microsecond = divmod(unix_us, 1_000_000)
+        if second != self._second:
+            moment = EPOCH + timedelta(seconds=second)
+            self._fields = (
+                moment.year,
+                moment.month,
+                moment.day,
+                moment.hour,
+                moment.minute,
+                moment.second,
+            )
+            self._second = second
+        year, month, day, hour, minute, whole_second = self._fields
+        return datetime(year, month, day, hour, minute, whole_second, microsecond, UTC)
+
+
+_received_calendar = _UtcCalendar()
+_data_calendar = _UtcCalendar()
+
+
 def datetime_from_ns(unix_ns: int) -> datetime:
     """Return the aware UTC datetime of a `time.time_ns()` value, to the microsecond."""
-    return EPOCH + timedelta(microseconds=unix_ns // 1000)
+    return _received_calendar.at(unix_ns // 1000)
 
 
 def _check_positive(what: str, value: float) -> None:
@@ -285,7 +320,7 @@ class DataProcessor:
 def datetime_from_us(unix_us: int) -> datetime:
     """Return the aware UTC datetime of Unix microseconds, exactly."""
     try:
-        return EPOCH + timedelta(microseconds=unix_us)
+        return _data_calendar.at(unix_us)
     except OverflowError:
         raise InvalidMessage("bad_timestamp", repr(unix_us)) from None
 
