@@ -53,6 +53,8 @@ def demo_settings(ws_url: str, database_url: str) -> Settings:
                 for name, exchange in manifest["exchanges"].items()
             ],
             "database": {"url": database_url},
+            # A one-second run: no endpoint to clash with a spot already serving on 9108.
+            "health": {"http": False},
         },
         source="demo",
     )
