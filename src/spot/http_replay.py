@@ -9,10 +9,7 @@ that had started, raises SourceError.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
@@ -24,7 +21,7 @@ import msgspec
 from spot.config import ExchangeConfig, TardisConfig
 from spot.errors import SourceError
 from spot.messages import Frame
-from spot.websocket import ResumePoint, build_options
+from spot.websocket import Backoff, ResumePoint, build_options
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +70,9 @@ class HttpReplaySource:
         self.data_types = tuple(data_types)
         self._resume = ResumePoint()
         self._stopping = False
-        self._stopped = asyncio.Event()  # wakes a reconnect backoff when stop() is called
+        self._backoff = Backoff(
+            tardis.reconnect_initial_secs, tardis.reconnect_max_secs, tardis.max_reconnect_attempts
+        )
         self._response: aiohttp.ClientResponse | None = None
         self.connects = 0
         self.frames_received = 0
@@ -96,14 +95,12 @@ class HttpReplaySource:
     async def stop(self) -> None:
         """Stop reading: frames() ends after the frame in hand, or at once during a backoff."""
         self._stopping = True
-        self._stopped.set()
+        self._backoff.stop()
         if self._response is not None:
             self._response.close()
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Yield every line of the replay until it completes or stop() is called."""
-        failures = 0
-        delay = self.tardis.reconnect_initial_secs
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not self._stopping:
@@ -121,15 +118,10 @@ class HttpReplaySource:
                 if self._stopping:
                     return
                 if self.frames_received > received_before:
-                    failures, delay = 0, self.tardis.reconnect_initial_secs
-                failures += 1
-                if failures > self.tardis.max_reconnect_attempts:
-                    raise SourceError(f"HTTP replay gave up after {failures - 1} retries: {reason}")
-                wait = delay * random.uniform(0.5, 1.5)
+                    self._backoff.progressed()
+                wait = self._backoff.next_wait(reason)
                 log.warning("[-] HTTP replay dropped (%s); resuming in %.1fs", reason, wait)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), wait)
-                delay = min(delay * 2, self.tardis.reconnect_max_secs)
+                await self._backoff.sleep(wait)
 
     async def _request(self, session: aiohttp.ClientSession) -> AsyncIterator[Frame]:
         async with session.get(self.url()) as response:

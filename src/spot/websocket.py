@@ -151,6 +151,42 @@ class ResumePoint:
         return already_seen
 
 
+class Backoff:
+    """Waits between reconnects: exponential with jitter, reset by progress, cut short by stop().
+
+    With `give_up_after`, the attempt after that many failures in a row raises SourceError.
+    """
+
+    def __init__(self, initial_secs: float, max_secs: float, give_up_after: int | None) -> None:
+        self.initial_secs = initial_secs
+        self.max_secs = max_secs
+        self.give_up_after = give_up_after
+        self.failures = 0
+        self._delay = initial_secs
+        self._stopped = asyncio.Event()
+
+    def progressed(self) -> None:
+        """The last connection delivered something: start the backoff over."""
+        self.failures, self._delay = 0, self.initial_secs
+
+    def next_wait(self, reason: str) -> float:
+        """Count a failure and return how long to wait before the next attempt."""
+        self.failures += 1
+        if self.give_up_after is not None and self.failures > self.give_up_after:
+            raise SourceError(f"gave up after {self.failures - 1} reconnects in a row: {reason}")
+        wait = self._delay * random.uniform(0.5, 1.5)
+        self._delay = min(self._delay * 2, self.max_secs)
+        return wait
+
+    async def sleep(self, secs: float) -> None:
+        """Sleep `secs`, or less when stop() is called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), secs)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class TardisMachineSource:
     """Frames from Tardis Machine's normalized WebSocket API, across reconnects."""
 
@@ -168,7 +204,10 @@ class TardisMachineSource:
         self.on_gap = on_gap
         self._resume = ResumePoint()
         self._stopping = False
-        self._stopped = asyncio.Event()  # wakes a reconnect backoff when stop() is called
+        give_up_after = tardis.max_reconnect_attempts if tardis.mode == "replay" else None
+        self._backoff = Backoff(
+            tardis.reconnect_initial_secs, tardis.reconnect_max_secs, give_up_after
+        )
         self._ws: _WebSocket | None = None
         self.connects = 0
         self.frames_received = 0
@@ -199,14 +238,12 @@ class TardisMachineSource:
     async def stop(self) -> None:
         """Stop reading: frames() ends after the frame in hand, or at once during a backoff."""
         self._stopping = True
-        self._stopped.set()
+        self._backoff.stop()
         if self._ws is not None:
             await self._ws.close()
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Yield frames until the replay completes or stop() is called; reconnect on drops."""
-        failures = 0
-        delay = self.tardis.reconnect_initial_secs
         # A connect that hangs (a black-holed host) must not outlast a stop for long.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -232,14 +269,10 @@ class TardisMachineSource:
                 if self.completed or self._stopping:
                     return
                 if self.frames_received > received_before:
-                    failures, delay = 0, self.tardis.reconnect_initial_secs
-                failures += 1
-                self._check_give_up(failures, reason)
-                wait = delay * random.uniform(0.5, 1.5)
+                    self._backoff.progressed()
+                wait = self._backoff.next_wait(reason)
                 log.warning("[-] WebSocket dropped (%s); reconnecting in %.1fs", reason, wait)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), wait)
-                delay = min(delay * 2, self.tardis.reconnect_max_secs)
+                await self._backoff.sleep(wait)
 
     def _on_connected(self, dropped_at: datetime | None) -> None:
         self.connects += 1
@@ -299,7 +332,3 @@ class TardisMachineSource:
                 log.error("Frame over %d bytes refused (%s)", MAX_FRAME_BYTES, error)
             return f"error: {error}"
         return f"closed with code {code}" + (f": {reason}" if reason else "")
-
-    def _check_give_up(self, failures: int, reason: str) -> None:
-        if self.tardis.mode == "replay" and failures > self.tardis.max_reconnect_attempts:
-            raise SourceError(f"replay gave up after {failures - 1} reconnects: {reason}")
