@@ -1,7 +1,7 @@
 """Decode Tardis Machine frames and normalize them into table rows.
 
 `decode` and the `*_row` functions are pure (no clock, no I/O); `DataProcessor` adds the counting
-and the little state normalizing needs (derived trade ids), and `run` pushes rows to a sink.
+and the little state normalizing needs (derived trade ids). main_loop reads frames through it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple, Protocol
@@ -303,13 +302,6 @@ class DataProcessor:
                 invalid,
                 frame.data[:200],
             )
-
-    async def run(self, frames: AsyncIterator[Frame], sink: RowSink) -> None:
-        """Normalize every frame of `frames` and put the rows into `sink`."""
-        async for frame in frames:
-            normalized = self.process(frame)
-            if normalized is not None:
-                await sink.put(normalized.kind, normalized.ticker, normalized.row)
 
 
 # Rows from Unix-microsecond times (Tardis CSV datasets): the same tuples as trade_row / book_row,
