@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple, Protocol
@@ -247,6 +247,9 @@ class NormalizedRow(NamedTuple):
     row: Row
 
 
+_MAX_PENDING_DISCONNECTS = 10_000
+
+
 class DataProcessor:
     """Turn frames into rows, counting everything it does not store."""
 
@@ -255,7 +258,9 @@ class DataProcessor:
         self.tickers = tickers
         self.trade_ids = TradeIds()
         self.counters = ProcessorCounters()
-        self.last_disconnect: Disconnect | None = None
+        # Disconnects not yet turned into gaps (gaps.DisconnectGaps takes them). Bounded: a
+        # processor nobody drains (a test, a tool) must not grow with a flapping exchange.
+        self.pending_disconnects: deque[Disconnect] = deque(maxlen=_MAX_PENDING_DISCONNECTS)
 
     def process(self, frame: Frame) -> NormalizedRow | None:
         """Return the row of one frame, or None for a frame that is counted and skipped."""
@@ -280,7 +285,7 @@ class DataProcessor:
             return NormalizedRow("orderbook", self.tickers(message.symbol), row)
         self.counters.disconnects += 1
         self.counters.disconnects_by_exchange[message.exchange] += 1
-        self.last_disconnect = message
+        self.pending_disconnects.append(message)
         log.warning(
             "[!] Tardis Machine reports a disconnect from %s at %s (symbols: %s): data has a gap",
             message.exchange,

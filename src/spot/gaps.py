@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -113,15 +114,15 @@ class GapRecorder:
 
 class _DisconnectSeen(Protocol):
     @property
-    def last_disconnect(self) -> Disconnect | None: ...
+    def pending_disconnects(self) -> deque[Disconnect]: ...
 
 
 class DisconnectGaps:
     """A row sink in front of the queues that turns `disconnect` messages into gaps.
 
-    The processor keeps the last disconnect it saw; this sink notices a new one at the next row
-    and closes the exchange's gap at that exchange's next row. It costs one identity check per
-    row while no gap is open.
+    The processor queues the disconnects it sees; this sink takes them at the next row and closes
+    each exchange's gap at that exchange's next row. It costs one length check per row while no
+    gap is open.
     """
 
     def __init__(
@@ -133,21 +134,21 @@ class DisconnectGaps:
         self._processor = processor
         self._sink = sink
         self._record = record
-        self._seen: Disconnect | None = None
         self._open: dict[str, datetime] = {}
 
     async def put(self, kind: Kind, ticker: str, row: Row) -> None:
         """Pass the row on, after noting a new disconnect or closing its exchange's gap."""
-        if self._open or self._processor.last_disconnect is not self._seen:
+        if self._open or self._processor.pending_disconnects:
             self._observe(kind, row)
         await self._sink.put(kind, ticker, row)
 
     def _observe(self, kind: Kind, row: Row) -> None:
-        disconnect = self._processor.last_disconnect
-        if disconnect is not None and disconnect is not self._seen:
-            self._seen = disconnect
+        pending = self._processor.pending_disconnects
+        while pending:
+            disconnect = pending.popleft()
             with contextlib.suppress(InvalidMessage):  # no time, no gap: counted as disconnect
                 start, _ = parse_timestamp(disconnect.local_timestamp)
+                # A second disconnect before the exchange's next row extends the same gap.
                 self._open.setdefault(disconnect.exchange, start)
         exchange: str = row[0]
         if exchange in self._open:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -247,7 +248,8 @@ async def test_spill_now_ends_the_retries_of_the_batch_in_hand() -> None:
 
 
 class _Processor:
-    last_disconnect: Disconnect | None = None
+    def __init__(self) -> None:
+        self.pending_disconnects: deque[Disconnect] = deque()
 
 
 class _Sink:
@@ -266,10 +268,31 @@ async def test_a_disconnect_gap_ends_at_the_exchanges_next_row() -> None:
     coinbase = ("coinbase", "BTC-USD", "1", "buy", 1.0, 1.0, later, later, 0, 0, later)
 
     await tracker.put("trade", "btc_usdt", _trade(1))
-    processor.last_disconnect = Disconnect("coinbase", "2024-03-01T00:00:00.123456Z")
+    processor.pending_disconnects.append(Disconnect("coinbase", "2024-03-01T00:00:00.123456Z"))
     await tracker.put("trade", "btc_usdt", _trade(2))  # binance: the gap stays open
     await tracker.put("trade", "btc_usd", coinbase)
     tracker.close()
 
     assert gaps == [("coinbase", MOMENT, later, "disconnect")]
     assert len(sink.rows) == 3
+
+
+async def test_disconnects_of_two_exchanges_between_two_rows_open_two_gaps() -> None:
+    processor, sink = _Processor(), _Sink()
+    gaps: list[tuple[str, datetime, datetime, str]] = []
+    tracker = DisconnectGaps(processor, sink, lambda *gap: gaps.append(gap))
+    later = MOMENT + timedelta(seconds=5)
+    coinbase = ("coinbase", "BTC-USD", "1", "buy", 1.0, 1.0, later, later, 0, 0, later)
+    binance = ("binance", "BTCUSDT", "2", "buy", 1.0, 1.0, later, later, 0, 0, later)
+
+    processor.pending_disconnects.append(Disconnect("coinbase", "2024-03-01T00:00:00Z"))
+    processor.pending_disconnects.append(Disconnect("binance", "2024-03-01T00:00:00Z"))
+    processor.pending_disconnects.append(Disconnect("coinbase", "2024-03-01T00:00:01Z"))
+    await tracker.put("trade", "btc_usd", coinbase)
+    await tracker.put("trade", "btc_usdt", binance)
+
+    start = datetime(2024, 3, 1, tzinfo=UTC)
+    assert gaps == [
+        ("coinbase", start, later, "disconnect"),  # the second coinbase drop extends the first
+        ("binance", start, later, "disconnect"),
+    ]
